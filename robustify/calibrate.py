@@ -1,0 +1,91 @@
+"""Calibrate MeanSparse statistics in a single pass: the "calibrate" step.
+
+All sites are calibrated at once, on the activations of the unmodified model (every
+MeanSparse module returns its input while calibrating), with exact merged moments, so the
+result does not depend on batch size or order. No gradients are computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .meansparse import MeanSparse, meansparse_modules
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["calibrate", "calibrating"]
+
+
+@contextlib.contextmanager
+def calibrating(model: nn.Module) -> Iterator[list[MeanSparse]]:
+    """Put every MeanSparse module in statistics-collection mode (restored on exit)."""
+    modules = list(meansparse_modules(model).values())
+    if not modules:
+        raise ValueError("the model has no MeanSparse modules to calibrate: insert them first")
+    for m in modules:
+        m.reset_statistics()
+        m.calibrating = True
+    try:
+        yield modules
+    finally:
+        for m in modules:
+            m.calibrating = False
+
+
+def _inputs(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"]
+    raise TypeError(f"calibration batches must be tensors or (x, y) pairs, got {type(batch).__name__}")
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, int]:
+    """One no-grad pass over ``batches``; sets every MeanSparse site's mean and variance.
+
+    Args:
+        model: a model with inserted MeanSparse modules.
+        batches: an iterable of input tensors or ``(x, y)`` pairs (e.g. a DataLoader).
+        device: where to run the forward passes (default: the model's device).
+        progress: show a progress bar.
+        total: number of batches, for the progress bar when ``batches`` has no length.
+
+    Returns:
+        the number of values each site's statistics were computed from, by site.
+    """
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    n_images = 0
+    try:
+        with calibrating(model) as modules, torch.no_grad():
+            for batch in tqdm(batches, desc="calibrate", unit="batch", total=total, disable=not progress):
+                x = _inputs(batch).to(device, non_blocking=True)
+                model(x)
+                n_images += x.shape[0]
+            if n_images == 0:
+                raise ValueError("calibration data is empty")
+            for m in modules:
+                m.finalize()
+    finally:
+        model.train(was_training)
+    counts = {m.site: m.moments.count for m in modules}
+    logger.info("calibrated %d MeanSparse site(s) on %d images", len(modules), n_images)
+    return counts

@@ -1,0 +1,213 @@
+"""The ``robustify`` command line: a thin layer over the public Python API.
+
+Every command parses its flags, calls the same functions users call from Python, and
+reports errors in one line (``--debug`` shows the traceback). Commands live in small
+``_cmd_*`` functions registered in :data:`COMMANDS`; other modules add theirs through
+:func:`register_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("robustify")
+
+__all__ = ["main", "register_command"]
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def register_command(
+    name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Decorator registering ``run(args) -> int`` as ``robustify NAME``."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+
+    return decorate
+
+
+# ------------------------------------------------------------------------------------------
+# shared argument groups
+# ------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", help="robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or imagenet (the model's leaderboard)")
+    p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2", "corruptions"])
+    p.add_argument("--weights", help="local checkpoint (safetensors or weights-only PyTorch file)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="download pretrained weights (default: yes, unless --weights is given)")
+    p.add_argument("--cache-dir", help="where downloads are cached (default: $ROBUSTIFY_CACHE or ~/.cache/robustify)")
+    p.add_argument("--device", default="cpu")
+
+
+def add_meansparse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, default=0.2, help="MeanSparse threshold in standard deviations")
+    p.add_argument("--include", action="append", default=None, help="glob of site names to use (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="glob of site names to skip (repeatable)")
+    p.add_argument("--preset", default="all", help="placement preset: all, no-final")
+    p.add_argument("--skip-se", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip activations inside squeeze-and-excitation blocks")
+    p.add_argument("--channel-dim", type=int, default=None, help="force the channel axis of every site")
+    p.add_argument("--stats-mode", default="exact", choices=["exact", "official"])
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", default=None if required else "cifar10", required=required,
+                   help="cifar10, cifar100, imagenet:DIR or a .npz file (x_train, y_train, x_test, y_test)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="training examples held out from calibration (for choosing alpha)")
+    p.add_argument("--n-calib", type=int, default=None, help="use only the first N calibration examples")
+    p.add_argument("--batch-size", type=int, default=128)
+
+
+def meansparse_config(args: argparse.Namespace) -> Any:
+    from .config import MeanSparseConfig
+
+    return MeanSparseConfig(
+        alpha=args.alpha,
+        include=tuple(args.include or ("*",)),
+        exclude=tuple(args.exclude),
+        skip_se=args.skip_se,
+        preset=args.preset,
+        channel_dim=args.channel_dim,
+        stats_mode=args.stats_mode,
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, spec: str | None = None) -> tuple[Any, Any]:
+    from .models import load_model
+
+    return load_model(
+        spec or args.model,
+        dataset=args.dataset,
+        threat_model=args.threat_model,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        cache_dir=args.cache_dir,
+        device=args.device,
+    )
+
+
+def calibration_loader(args: argparse.Namespace) -> Any:
+    from .data import load_data, loader
+
+    ds = load_data(args.data, "train", n=None, holdout=args.holdout, cache_dir=args.cache_dir)
+    if args.n_calib is not None:
+        from torch.utils.data import Subset
+
+        if not 0 < args.n_calib <= len(ds):
+            raise ValueError(f"--n-calib must be in [1, {len(ds)}], got {args.n_calib}")
+        ds = Subset(ds, range(args.n_calib))
+    return loader(ds, args.batch_size)
+
+
+# ------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_meansparse_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+@register_command("inspect", "print the insertion plan (sites, activation, channel axis, channels)", _inspect_args)
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .insert import plan
+
+    model, info = load_model_from_args(args)
+    _, sites = plan(model, info.example_input(device=args.device), meansparse_config(args))
+    if args.json:
+        print(json.dumps({"model": info.to_dict(), "sites": [s.to_dict() for s in sites]}, indent=2))
+    else:
+        print(f"{len(sites)} site(s) in {info.spec}:")
+        for s in sites:
+            print(f"  {s.name:40s} {s.activation:10s} dim={s.channel_dim:<3d} C={s.channels}")
+    return 0
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_meansparse_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="calibration file to write (.safetensors, + .json sidecar)")
+
+
+@register_command("calibrate", "insert MeanSparse, calibrate in one pass, save the statistics", _calibrate_args)
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .insert import insert_meansparse
+    from .state import save_calibration
+
+    config = meansparse_config(args)
+    model, info = load_model_from_args(args)
+    model = insert_meansparse(model, info.example_input(device=args.device), config)
+    counts = calibrate(model, calibration_loader(args), device=args.device)
+    save_calibration(model, args.out, config=config, model_info=info.to_dict(),
+                     extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib})
+    logger.info("wrote %s (%d sites)", args.out, len(counts))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------
+class CliError(Exception):
+    """An error to report in one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = argparse.ArgumentParser(prog="robustify", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _load_command_modules() -> None:
+    """Import the modules that register further commands (evaluation, training...)."""
+    import importlib
+
+    for module in ("robustify.evaluate_cli", "robustify.train_cli"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("robustify: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports every error in one line
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"robustify: error: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Insert MeanSparse in front of activations: the "prepare" step.
+
+Each selected activation module gets a :class:`~robustify.meansparse.MeanSparse` child named
+``meansparse`` and a forward pre-hook that runs it on the activation's input (the
+``torch.ao.quantization`` observer pattern): the original state-dict keys stay unchanged, the
+defense shows in ``print(model)``, and in-place or parametric activations keep working.
+Functional activations are first turned into modules by :func:`robustify.sites.modularize`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MeanSparseConfig
+from .meansparse import MeanSparse, meansparse_modules
+from .sites import ACTIVATION_CLASS_NAMES, Site, modularize, plan_sites, select_sites
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InsertionError", "insert_meansparse", "plan", "remove_meansparse"]
+
+CHILD_NAME = "meansparse"
+
+
+class InsertionError(ValueError):
+    """The model has no site to insert into, or the selection leaves none."""
+
+
+def _run_child_first(child_name: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (getattr(module, child_name)(args[0]), *args[1:])
+
+
+def plan(
+    model: nn.Module, example: torch.Tensor, config: MeanSparseConfig | None = None
+) -> tuple[nn.Module, list[Site]]:
+    """Return the (possibly FX-rewritten) model and the sites ``config`` selects.
+
+    The input model is left untouched; nothing is inserted.
+    """
+    config = config or MeanSparseConfig()
+    prepared = modularize(model)
+    everything = plan_sites(prepared, example, channel_dim=config.channel_dim)
+    if not everything:
+        raise InsertionError(
+            f"no activation found in {type(model).__name__}: searched activation modules "
+            f"(torch.nn ReLU/SiLU/GELU/..., and classes named {sorted(ACTIVATION_CLASS_NAMES)}) and "
+            "functional calls (F.relu, torch.relu, x.relu(), F.gelu, F.silu, ...)"
+        )
+    selected = select_sites(
+        prepared,
+        everything,
+        include=config.include,
+        exclude=config.exclude,
+        skip_se=config.skip_se,
+        preset=config.preset,
+    )
+    if not selected:
+        raise InsertionError(
+            f"the insertion plan changes nothing: {len(everything)} activation site(s) found in "
+            f"{type(model).__name__}, but include={list(config.include)}, exclude={list(config.exclude)}, "
+            f"preset={config.preset!r}, skip_se={config.skip_se} select none of them"
+        )
+    return prepared, selected
+
+
+def insert_meansparse(
+    model: nn.Module, example: torch.Tensor, config: MeanSparseConfig | None = None
+) -> nn.Module:
+    """Insert an (uncalibrated) MeanSparse module before every selected activation.
+
+    Returns the model to use from now on: the same object when every activation is a
+    module, an ``fx.GraphModule`` when functional calls had to be rewritten. Calibrate it
+    with :func:`robustify.calibrate` before use.
+    """
+    config = config or MeanSparseConfig()
+    if meansparse_modules(model):
+        raise InsertionError("the model already has MeanSparse modules; remove them first")
+    prepared, sites = plan(model, example, config)
+    for site in sites:
+        activation = prepared.get_submodule(site.name)
+        module = MeanSparse(
+            site.channels,
+            alpha=config.alpha,
+            channel_dim=site.channel_dim,
+            ndim=len(site.input_shape),
+            site=site.name,
+            stats_mode=config.stats_mode,
+        )
+        device = next((t.device for t in [*activation.parameters(), *activation.buffers()]), example.device)
+        activation.add_module(CHILD_NAME, module.to(device))
+        activation.register_forward_pre_hook(functools.partial(_run_child_first, CHILD_NAME))
+    logger.info("inserted MeanSparse at %d site(s) of %s", len(sites), type(model).__name__)
+    return prepared
+
+
+def remove_meansparse(model: nn.Module) -> nn.Module:
+    """Remove every inserted MeanSparse module and its hook (in place)."""
+    for module in model.modules():
+        hooks = getattr(module, "_forward_pre_hooks", {})
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, functools.partial) and hook.func is _run_child_first:
+                child = hook.args[0]
+                del hooks[key]
+                if child in module._modules:
+                    del module._modules[child]
+    return model
