@@ -1,0 +1,131 @@
+"""Shared test fixtures. Names are stable: other test files rely on them.
+
+=================  ========  ===================================================================
+fixture            scope     what
+=================  ========  ===================================================================
+``shared_dir``     session   ``Path`` of ``../shared`` (beside the repo root); skips if absent
+``cifar_npz``      session   ``Path`` of ``../shared/data/cifar10_subset.npz``; skips if absent
+``small_npz``      session   ``Path`` of a synthetic ``.npz`` (64 train / 16 test random uint8
+                             3x32x32 images, labels 0..9); always available, for fast CLI runs
+``at_weights``     session   ``Path`` of ``../shared/models/resnet18_at_relu.pt``; skips if absent
+``aa_model``       function  fresh ``(model, info)`` of ``load_model("aa-resnet18")`` (AutoAttack's
+                             example ResNet-18, weights from the pyautoattack wheel, 17 F.relu)
+``aa_at_model``    function  fresh ``(model, info)``: aa-resnet18 with the adversarially trained
+                             weights of ``at_weights``; skips if absent
+``tiny_model``     function  fresh small CNN (eval mode, seeded) taking ``(N, 3, 8, 8)`` in [0, 1],
+                             10 classes, with 4 activation sites: ``act1`` (nn.ReLU module),
+                             an ``F.relu`` call, ``act3`` (nn.SiLU) and ``x.relu()``
+``tiny_input``     function  ``torch.rand(6, 3, 8, 8)``, seeded
+=================  ========  ===================================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU (module), conv-BN-F.relu (functional), linear-SiLU (module), linear-relu (method)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8, 12)
+        self.act3 = nn.SiLU()
+        self.fc2 = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = x.mean(dim=(2, 3))
+        x = self.act3(self.fc1(x))
+        x = self.fc2(x).relu()
+        return self.head(x)
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> None:
+    """Non-trivial BatchNorm statistics, so that eval-mode activations are not all standardised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared material not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar_npz(shared_dir: Path) -> Path:
+    path = shared_dir / "data" / "cifar10_subset.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def at_weights(shared_dir: Path) -> Path:
+    path = shared_dir / "models" / "resnet18_at_relu.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, size=(64, 3, 32, 32), dtype=np.uint8),
+        y_train=rng.integers(0, 10, size=64).astype(np.int64),
+        x_test=rng.integers(0, 256, size=(16, 3, 32, 32), dtype=np.uint8),
+        y_test=rng.integers(0, 10, size=16).astype(np.int64),
+    )
+    return path
+
+
+@pytest.fixture
+def aa_model():
+    from robustify import load_model
+
+    return load_model("aa-resnet18")
+
+
+@pytest.fixture
+def aa_at_model(at_weights: Path):
+    from robustify import load_model
+
+    return load_model("aa-resnet18", weights=at_weights)
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyNet()
+    _randomize_bn(model, 0)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_input() -> torch.Tensor:
+    return torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
