@@ -1,0 +1,178 @@
+"""Site discovery: functional calls through torch.fx, shared modules, channel axes, selection."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from robustify import load_model
+from robustify.sites import is_activation, modularize, plan_sites, probe, select_sites
+
+
+class Functional(nn.Module):
+    """Every functional spelling of an activation, some with non-default arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = torch.relu(x - 0.5)
+        x = (x - 0.2).relu()
+        x = F.gelu(self.block(x), approximate="tanh")
+        x = F.silu(x)
+        x = F.leaky_relu(x, 0.2)
+        x = F.elu(x, alpha=0.5)
+        x = F.softplus(x, beta=2.0)
+        return F.mish(x)
+
+
+class Shared(nn.Module):
+    """One PReLU instance (a parameter) called three times, as RobustBench's PAF networks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.PReLU(init=0.1)
+        self.lin1, self.lin2 = nn.Linear(5, 5), nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin2(self.act(self.lin1(self.act(x)))))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.sum() > 0:  # data-dependent control flow: not traceable by torch.fx
+            x = x * 2
+        return F.relu(self.act(x))
+
+
+def test_every_functional_spelling_becomes_one_module_per_call() -> None:
+    model = Functional().eval()
+    x = torch.rand(2, 3, 5, 5)
+    gm = modularize(model)
+    assert isinstance(gm, fx.GraphModule) and gm is not model
+    sites = plan_sites(gm, x)
+    assert [s.activation for s in sites] == ["ReLU", "ReLU", "ReLU", "GELU", "SiLU", "LeakyReLU", "ELU", "Softplus", "Mish"]
+    assert [s.name for s in sites] == [
+        "relu_0", "relu_1", "relu_2", "gelu_0", "silu_0", "leaky_relu_0", "elu_0", "softplus_0", "mish_0"
+    ]
+    # arguments survive the rewrite
+    assert gm.get_submodule(sites[3].name).approximate == "tanh"
+    assert gm.get_submodule(sites[5].name).negative_slope == 0.2
+    assert gm.get_submodule(sites[6].name).alpha == 0.5
+    assert gm.get_submodule(sites[7].name).beta == 2.0
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert all(s.channel_dim == 1 and s.channels == 4 for s in sites)
+    # the input model is untouched
+    assert not any(is_activation(m) for m in model.modules())
+
+
+def test_model_without_functional_calls_is_returned_as_is() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GELU())
+    assert modularize(model) is model
+
+
+def test_shared_activation_module_gets_one_parameter_sharing_copy_per_call() -> None:
+    model = Shared().eval()
+    x = torch.randn(3, 5)
+    gm = modularize(model)
+    sites = plan_sites(gm, x)
+    assert len(sites) == 3
+    modules = [gm.get_submodule(s.name) for s in sites]
+    assert len({id(m) for m in modules}) == 3
+    assert len({m.weight.data_ptr() for m in modules}) == 1  # one shared parameter
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+        modules[0].weight.fill_(0.3)  # a change through one copy is seen by all calls
+        assert torch.equal(gm(x), model(x))
+    assert all(s.channel_dim == 1 and s.channels == 5 for s in sites)
+
+
+def test_untraceable_model_keeps_its_modules_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = Untraceable().eval()
+    with caplog.at_level(logging.WARNING, logger="robustify"):
+        assert modularize(model) is model
+    assert "could not trace" in caplog.text and "functional" in caplog.text
+    sites = plan_sites(model, torch.rand(1, 3, 4, 4))
+    assert [s.name for s in sites] == ["act"]
+
+
+def test_probe_records_shape_producer_and_order(tiny_model, tiny_input) -> None:
+    gm = modularize(tiny_model)
+    obs = probe(gm, tiny_input)
+    assert list(obs) == ["act1", "relu_0", "act3", "relu_1"]
+    assert obs["act1"].shape == (6, 6, 8, 8) and isinstance(obs["act1"].producer, nn.BatchNorm2d)
+    assert isinstance(obs["act3"].producer, nn.Linear)
+    assert [o.order for o in obs.values()] == [0, 1, 2, 3]
+
+
+def test_channel_axis_is_last_for_tokens_and_channels_last() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(6)
+            self.fc1, self.fc2 = nn.Linear(6, 24), nn.Linear(24, 6)
+            self.act = nn.GELU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, C)
+            return self.fc2(self.act(self.fc1(self.norm(x))))
+
+    sites = plan_sites(Tokens().eval(), torch.randn(2, 7, 6))
+    assert [(s.channel_dim, s.channels, s.input_shape) for s in sites] == [(-1, 24, (2, 7, 24))]
+    forced = plan_sites(Tokens().eval(), torch.randn(2, 24, 6), channel_dim=1)
+    assert forced[0].channel_dim == 1 and forced[0].channels == 24
+
+
+def test_aa_resnet18_has_17_functional_relu_sites(aa_model) -> None:
+    model, info = aa_model
+    gm = modularize(model)
+    sites = plan_sites(gm, info.example_input(1))
+    assert len(sites) == 17
+    assert all(s.activation == "ReLU" and s.channel_dim == 1 for s in sites)
+    assert [s.channels for s in sites] == [64] * 5 + [128] * 4 + [256] * 4 + [512] * 4
+    assert sites[0].name == "relu_0"
+    assert [s.name for s in sites[1:3]] == ["layer1.0.relu_0", "layer1.0.relu_1"]
+    assert sites[-1].name == "layer4.1.relu_1" and sites[-1].owner_class == "BasicBlock"
+
+
+def _site(name: str, order: int, owner: str = "") -> "object":
+    from robustify.sites import Site
+
+    return Site(name=name, activation="ReLU", channel_dim=1, channels=4, input_shape=(1, 4), order=order, owner_class=owner)
+
+
+def test_select_sites_patterns_and_presets() -> None:
+    model = nn.Sequential(nn.ReLU())
+    sites = [_site(n, i) for i, n in enumerate(["stem.act", "layer1.0.act1", "layer1.0.act2", "layer2.0.act1", "final.act"])]
+    names = lambda chosen: [s.name for s in chosen]  # noqa: E731
+    assert names(select_sites(model, sites)) == [s.name for s in sites]
+    assert names(select_sites(model, sites, include=["layer1.*"])) == ["layer1.0.act1", "layer1.0.act2"]
+    assert names(select_sites(model, sites, exclude=["*.act2", "stem.*"])) == ["layer1.0.act1", "layer2.0.act1", "final.act"]
+    assert names(select_sites(model, sites, preset="no-final")) == names(sites[:-1])
+    with pytest.raises(ValueError, match="unknown placement preset 'every'"):
+        select_sites(model, sites, preset="every")
+
+
+def test_skip_se_drops_squeeze_excitation_sites() -> None:
+    model, _ = load_model("timm:seresnet18", pretrained=False)
+    x = torch.rand(1, 3, 64, 64)
+    gm = modularize(model)
+    everything = plan_sites(gm, x)
+    se = [s.name for s in everything if ".se." in s.name]
+    assert len(everything) == 25 and len(se) == 8
+    kept = select_sites(gm, everything, skip_se=True)
+    assert [s.name for s in kept] == [s.name for s in everything if s.name not in se]
+    assert select_sites(gm, everything, skip_se=False) == everything
