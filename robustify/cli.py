@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("auto-attack").setLevel(logging.WARNING if args.verbose < 2 else logging.DEBUG)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

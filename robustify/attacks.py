@@ -1,0 +1,361 @@
+"""Attacks, all on images in [0, 1]: standard ones through pyautoattack, adaptive ones here.
+
+Every attack is a :class:`Attack`: ``perturb(x, y) -> x_adv`` on one batch, deterministic
+given its seed (each batch reseeds, as AutoAttack does), so a batch can be re-run after an
+interruption with the same result. The evaluation engine (:mod:`robustify.evaluate`)
+decides which examples each attack sees and records who broke what.
+
+Standard (pyautoattack's own attack objects, configured as ``AutoAttack`` configures them):
+``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab-t``, ``square``; ``autoattack`` expands to the
+``standard`` version's sequence ``apgd-ce, apgd-t, fab-t, square``.
+
+Adaptive:
+``bpda-apgd-ce`` / ``bpda-apgd-dlr`` (``bpda`` expands to both): APGD with every MeanSparse
+backward replaced by the identity; ``adaptive``: the MeanSparse paper's attack (PGD on
+cross-entropy minus a penalty on feature changes at the sites MeanSparse blocks; lambda=0 is
+plain PGD); ``pgd``: plain PGD with the same budget; ``transfer``: APGD-CE crafted on the
+undefended base model, evaluated on the defended one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import parse_eps
+from .meansparse import bpda, defenses_disabled, meansparse_modules
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ATTACKS", "Attack", "AttackConfig", "build_attack", "expand_attacks"]
+
+STANDARD = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+ADAPTIVE = ("bpda-apgd-ce", "bpda-apgd-dlr", "adaptive", "pgd", "transfer")
+ATTACKS = STANDARD + ADAPTIVE
+ALIASES = {
+    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "bpda": ("bpda-apgd-ce", "bpda-apgd-dlr"),
+}
+NORMS = {
+    "apgd-ce": ("Linf", "L2", "L1"), "apgd-dlr": ("Linf", "L2", "L1"), "apgd-t": ("Linf", "L2", "L1"),
+    "fab-t": ("Linf", "L2", "L1"), "square": ("Linf", "L2"), "bpda-apgd-ce": ("Linf", "L2", "L1"),
+    "bpda-apgd-dlr": ("Linf", "L2", "L1"), "adaptive": ("Linf", "L2"), "pgd": ("Linf", "L2"),
+    "transfer": ("Linf", "L2", "L1"),
+}
+WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "pgd")
+BLACK_BOX = ("square", "transfer")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Threat model, attack list and budgets. Defaults are the published ones.
+
+    ``apgd_iters``/``apgd_restarts`` apply to APGD-CE/DLR (and their BPDA versions);
+    AutoAttack's standard version uses 100 iterations, 1 restart, 9 target classes for
+    APGD-T and FAB-T, and 5000 queries for Square. The adaptive attack uses 50 steps
+    (MeanSparse paper, A.4); its lambda and step size were not published (we default to
+    lambda=1 and a step of 2.5*eps/steps).
+    """
+
+    VERSION: ClassVar[int] = 1
+    attacks: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    seed: int = 0
+    batch_size: int = 128
+    individual: bool = False
+    apgd_iters: int = 100
+    apgd_restarts: int = 1
+    apgd_t_iters: int = 100
+    apgd_t_targets: int = 9
+    fab_iters: int = 100
+    fab_targets: int = 9
+    square_queries: int = 5000
+    adaptive_steps: int = 50
+    adaptive_lambda: float = 1.0
+    adaptive_step_size: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", parse_eps(self.eps))
+        if self.norm not in ("Linf", "L2", "L1"):
+            raise ValueError(f"unknown threat model {self.norm!r}; choose Linf, L2 or L1")
+        object.__setattr__(self, "attacks", expand_attacks(self.attacks))
+        for attack in self.attacks:
+            if self.norm not in NORMS[attack]:
+                raise ValueError(f"attack {attack!r} does not support the {self.norm} threat model")
+        for name in ("batch_size", "apgd_iters", "apgd_restarts", "apgd_t_iters", "apgd_t_targets",
+                     "fab_iters", "fab_targets", "square_queries", "adaptive_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not math.isfinite(self.adaptive_lambda) or self.adaptive_lambda < 0:
+            raise ValueError(f"adaptive_lambda must be >= 0, got {self.adaptive_lambda!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attacks"] = list(self.attacks)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttackConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "attacks" else v) for k, v in data.items() if k in names})
+
+    def budget_for(self, attack: str) -> dict[str, Any]:
+        """The budget settings that affect ``attack`` (recorded in results)."""
+        if attack in ("apgd-ce", "apgd-dlr", "bpda-apgd-ce", "bpda-apgd-dlr", "transfer"):
+            return {"iters": self.apgd_iters, "restarts": self.apgd_restarts}
+        if attack == "apgd-t":
+            return {"iters": self.apgd_t_iters, "targets": self.apgd_t_targets}
+        if attack == "fab-t":
+            return {"iters": self.fab_iters, "targets": self.fab_targets}
+        if attack == "square":
+            return {"queries": self.square_queries}
+        return {"steps": self.adaptive_steps, "lambda": self.adaptive_lambda if attack == "adaptive" else 0.0,
+                "step_size": self.adaptive_step_size}
+
+
+def expand_attacks(names: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """Expand aliases (``autoattack``, ``bpda``), drop duplicates, validate names."""
+    if isinstance(names, str):
+        names = tuple(n.strip() for n in names.split(",") if n.strip())
+    out: list[str] = []
+    for name in names:
+        name = name.strip().lower()
+        for attack in ALIASES.get(name, (name,)):
+            if attack not in ATTACKS:
+                raise ValueError(
+                    f"unknown attack {name!r}; choose from {list(ATTACKS) + list(ALIASES)}"
+                )
+            if attack not in out:
+                out.append(attack)
+    if not out:
+        raise ValueError("no attack given")
+    return tuple(out)
+
+
+class Attack:
+    """One configured attack: ``perturb(x, y)`` returns adversarial images for a batch."""
+
+    name: str
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------
+# pyautoattack
+# ------------------------------------------------------------------------------------------
+def _set_apgd_iters(apgd: Any, n_iter: int) -> None:
+    """Change an APGD budget the way its constructor derives the checkpoint schedule."""
+    apgd.n_iter = n_iter
+    apgd.n_iter_orig = n_iter
+    apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
+    apgd.n_iter_min = max(int(0.06 * n_iter), 1)
+    apgd.size_decr = max(int(0.03 * n_iter), 1)
+
+
+def make_autoattack(model: Callable[[torch.Tensor], torch.Tensor], config: AttackConfig, device: Any) -> Any:
+    """A pyautoattack ``AutoAttack`` (standard version settings) with the config's budgets."""
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(model, norm=config.norm, eps=config.eps, seed=config.seed, device=device, version="standard")
+    _set_apgd_iters(aa.apgd, config.apgd_iters)
+    aa.apgd.n_restarts = config.apgd_restarts
+    _set_apgd_iters(aa.apgd_targeted, config.apgd_t_iters)
+    aa.apgd_targeted.n_target_classes = config.apgd_t_targets
+    aa.fab.n_iter = config.fab_iters
+    aa.fab.n_target_classes = config.fab_targets
+    aa.square.n_queries = config.square_queries
+    return aa
+
+
+class PyAutoAttack(Attack):
+    """One of pyautoattack's attacks, called exactly as ``AutoAttack.run_standard_evaluation`` does."""
+
+    def __init__(self, name: str, aa: Any, context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None):
+        self.name = name
+        self.aa = aa
+        self.context = context or contextlib.nullcontext
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        aa, base = self.aa, self.name.removeprefix("bpda-")
+        with self.context():
+            if base in ("apgd-ce", "apgd-dlr"):
+                aa.apgd.loss = "ce" if base == "apgd-ce" else "dlr"
+                aa.apgd.seed = aa.get_seed()
+                return aa.apgd.perturb(x, y)
+            if base == "apgd-t":
+                aa.apgd_targeted.seed = aa.get_seed()
+                return aa.apgd_targeted.perturb(x, y)
+            if base == "fab-t":
+                aa.fab.targeted = True
+                aa.fab.n_restarts = 1
+                aa.fab.seed = aa.get_seed()
+                return aa.fab.perturb(x, y)
+            if base == "square":
+                aa.square.seed = aa.get_seed()
+                return aa.square.perturb(x, y)
+        raise ValueError(f"not a pyautoattack attack: {self.name!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# adaptive attacks
+# ------------------------------------------------------------------------------------------
+class _BaseModelView(nn.Module):
+    """The defended model with every MeanSparse module disabled: the undefended base model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with defenses_disabled(self.model):
+            return self.model(x)
+
+
+class TransferAttack(Attack):
+    """APGD-CE crafted on a source model (default: the undefended base model)."""
+
+    name = "transfer"
+
+    def __init__(self, source: Callable[[torch.Tensor], torch.Tensor], config: AttackConfig, device: Any):
+        self.aa = make_autoattack(source, config, device)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.aa.apgd.loss = "ce"
+        self.aa.apgd.seed = self.aa.get_seed()
+        return self.aa.apgd.perturb(x, y)
+
+
+@contextlib.contextmanager
+def _capture_site_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of every MeanSparse module during forwards in the block."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for site, module in meansparse_modules(model).items():
+        def hook(mod: nn.Module, args: tuple[Any, ...], site: str = site) -> None:
+            captured[site] = args[0]
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        return delta.clamp(-eps, eps)
+    flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.dim() - 1))
+    return delta * (eps / flat).clamp(max=1.0)
+
+
+def _step(grad: torch.Tensor, step: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        return step * grad.sign()
+    g = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+    return step * grad / g
+
+
+class MaskPenaltyPGD(Attack):
+    """The MeanSparse paper's adaptive attack (appendix A.4, reconstructed).
+
+    Maximises ``CE(f(x+d), y) - lambda * sum_l ||M_l * (z_l(x+d) - z_l(x))||_2`` by PGD with
+    a random start, where ``z_l`` is the input of MeanSparse site ``l`` and ``M_l`` marks the
+    entries of the clean input that site ``l`` replaces by the mean. ``lambda = 0`` is plain
+    PGD. Returns, per example, the first iterate that is misclassified (else the last).
+    """
+
+    def __init__(self, model: nn.Module, config: AttackConfig, lam: float, name: str):
+        self.name = name
+        self.model = model
+        self.eps, self.norm = config.eps, config.norm
+        self.steps = config.adaptive_steps
+        self.step_size = config.adaptive_step_size or 2.5 * config.eps / config.adaptive_steps
+        self.lam = lam
+        self.seed = config.seed
+
+    def _masks(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        modules = meansparse_modules(self.model)
+        with torch.no_grad(), _capture_site_inputs(self.model) as captured:
+            self.model(x)
+        masks = {}
+        for site, z in captured.items():
+            m = modules[site]
+            shape = m._broadcast_shape(z.dim())
+            mask = (z - m.mean.view(shape)).abs() < m.crop.view(shape)
+            masks[site] = (z.detach(), mask)
+        return masks
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        masks = self._masks(x) if self.lam > 0 else {}
+        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * self.eps
+        delta = _project(delta, self.eps, self.norm)
+        delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+        best = x.clone()
+        found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(self.steps):
+            with _capture_site_inputs(self.model) as captured:
+                logits = self.model(x + delta)
+            fooled = logits.argmax(1) != y
+            new = fooled & ~found
+            best[new] = (x + delta)[new].detach()
+            found |= fooled
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            for site, (z0, mask) in masks.items():
+                diff = (captured[site] - z0) * mask
+                loss = loss - self.lam * diff.flatten(1).norm(dim=1).sum()
+            grad, = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = _project(delta + _step(grad, self.step_size, self.norm), self.eps, self.norm)
+                delta = (x + delta).clamp(0, 1) - x
+            delta.requires_grad_(True)
+        with torch.no_grad():
+            final = x + delta
+            fooled = self.model(final).argmax(1) != y
+            take = fooled & ~found
+            best[take] = final[take]
+            rest = ~(found | fooled)
+            best[rest] = final[rest]
+        return best.detach()
+
+
+# ------------------------------------------------------------------------------------------
+# factory
+# ------------------------------------------------------------------------------------------
+def build_attack(
+    name: str,
+    model: nn.Module,
+    config: AttackConfig,
+    *,
+    device: Any = "cpu",
+    source_model: nn.Module | None = None,
+    autoattack: Any = None,
+) -> Attack:
+    """Configure attack ``name`` against ``model``.
+
+    ``source_model`` is the transfer attack's source (default: ``model`` with MeanSparse
+    disabled). ``autoattack`` lets several attacks share one pyautoattack object.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose from {list(ATTACKS)}")
+    if name in STANDARD or name.startswith("bpda-"):
+        aa = autoattack or make_autoattack(model, config, device)
+        context = (lambda: bpda(model)) if name.startswith("bpda-") else None
+        return PyAutoAttack(name, aa, context)
+    if name == "transfer":
+        source = source_model if source_model is not None else _BaseModelView(model)
+        return TransferAttack(source, config, device)
+    lam = config.adaptive_lambda if name == "adaptive" else 0.0
+    return MaskPenaltyPGD(model, config, lam, name)

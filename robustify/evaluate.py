@@ -1,0 +1,448 @@
+"""The evaluation engine: the "attack" step, with per-example bookkeeping and resume.
+
+:func:`evaluate` runs clean accuracy and then each attack of an
+:class:`~robustify.attacks.AttackConfig`, batch by batch. By default (as AutoAttack does)
+an attack only sees the examples no earlier attack broke; with ``individual=True`` every
+attack sees every correctly classified example. Per example it records who broke it; the
+worst-case robust accuracy is the share of examples that nothing broke.
+
+Every finished batch is appended to ``<out>/journal.jsonl`` (flushed and fsynced) before the
+next starts. Rerunning the same evaluation on the same directory replays the journal and
+runs only what is missing, so a run killed at any point (even ``kill -9``) resumes with
+the same final numbers: each batch reseeds its attack, and batches are formed from the
+journal alone. A partially written last line is ignored. ``<out>/result.json`` is written
+atomically at the end. A lock file refuses a second evaluation writing the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .attacks import BLACK_BOX, AttackConfig, build_attack, make_autoattack
+from .data import validate_batch
+from .io import write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalResult", "EvaluationLockedError", "JournalMismatchError", "evaluate", "load_result"]
+
+RESULT_FILE = "result.json"
+JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = ".lock"
+AUDIT_MARGIN = 0.002  # AutoAttack's check_square_sr tolerance (0.2 points)
+
+
+class EvaluationLockedError(RuntimeError):
+    """Another evaluation is writing the same results directory."""
+
+
+class JournalMismatchError(ValueError):
+    """The results directory holds a different evaluation."""
+
+
+@dataclass
+class EvalResult:
+    """Everything an evaluation found, flat enough for a leaderboard row."""
+
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    n_examples: int
+    clean_acc: float
+    attack_acc: dict[str, float]
+    worst_case_acc: float
+    flags: list[str]
+    per_example: dict[str, list[int | None]]
+    seconds: dict[str, float]
+    versions: dict[str, str]
+    aa_checks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_result(path: str | Path) -> EvalResult:
+    """Read a ``result.json`` (or the directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULT_FILE
+    try:
+        return EvalResult.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"cannot read results file {str(path)!r}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------
+# journal
+# ------------------------------------------------------------------------------------------
+def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Journal:
+    """Append-only JSON-lines record of finished batches (or an in-memory one)."""
+
+    def __init__(self, directory: Path | None, header: dict[str, Any]) -> None:
+        self.records: dict[tuple[str, int], dict[str, Any]] = {}
+        self.path = directory / JOURNAL_FILE if directory is not None else None
+        self._file = None
+        if self.path is None:
+            return
+        if self.path.exists():
+            self._replay(header)
+        else:
+            self._open()
+            self.append({"kind": "header", **header})
+            return
+        self._open()
+
+    def _open(self) -> None:
+        assert self.path is not None
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def _replay(self, header: dict[str, Any]) -> None:
+        assert self.path is not None
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        complete = self.path.read_text(encoding="utf-8").endswith("\n")
+        parsed = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 or (i == len(lines) - 2 and not lines[-1]):
+                    logger.warning("ignoring a partially written last journal line in %s", self.path)
+                    break
+                raise JournalMismatchError(f"{self.path} is corrupted at line {i + 1}") from None
+        if not parsed or parsed[0].get("kind") != "header":
+            raise JournalMismatchError(f"{self.path} has no header: not a robustify journal")
+        saved = {k: v for k, v in parsed[0].items() if k != "kind"}
+        if saved != json.loads(json.dumps(header)):
+            diff = sorted(k for k in set(saved) | set(header) if saved.get(k) != json.loads(json.dumps(header)).get(k))
+            raise JournalMismatchError(
+                f"{self.path.parent} holds a different evaluation (differs in {diff}); "
+                "use another --out directory or delete it"
+            )
+        for rec in parsed[1:]:
+            self.records[(rec["attack"], rec["batch"])] = rec
+        if not complete:  # rewrite without the torn line so appends start on a fresh line
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in parsed), encoding="utf-8")
+        logger.info("resuming from %s: %d finished batch(es)", self.path, len(self.records))
+
+    def get(self, attack: str, batch: int, indices: list[int]) -> dict[str, Any] | None:
+        rec = self.records.get((attack, batch))
+        if rec is None:
+            return None
+        if rec["idx"] != indices:
+            raise JournalMismatchError(f"journal batch {attack}#{batch} covers other examples than this run")
+        return rec
+
+    def append(self, record: dict[str, Any]) -> None:
+        if record.get("kind") != "header":
+            self.records[(record["attack"], record["batch"])] = record
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@contextlib.contextmanager
+def _locked(directory: Path | None) -> Iterator[None]:
+    if directory is None:
+        yield
+        return
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EvaluationLockedError(f"another evaluation is writing {directory}; wait for it or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------
+# AutoAttack's own checks
+# ------------------------------------------------------------------------------------------
+class _CaptureWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg not in self.messages:
+            self.messages.append(msg)
+
+
+@contextlib.contextmanager
+def _autoattack_warnings() -> Iterator[_CaptureWarnings]:
+    handler = _CaptureWarnings()
+    aa_logger = logging.getLogger("auto-attack")
+    aa_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        aa_logger.removeHandler(handler)
+
+
+def _run_autoattack_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig) -> None:
+    from pyautoattack import checks
+
+    aa_logger = logging.getLogger("auto-attack")
+    checks.check_randomized(model, x, y, bs=x.shape[0], logger=aa_logger)
+    n_cls = checks.check_range_output(model, x, logger=aa_logger)
+    checks.check_dynamic(model, x, False, logger=aa_logger)
+    aa = make_autoattack(model, config, x.device)
+    checks.check_n_classes(n_cls, list(config.attacks), aa.apgd_targeted.n_target_classes,
+                           aa.fab.n_target_classes, logger=aa_logger)
+
+
+# ------------------------------------------------------------------------------------------
+# engine
+# ------------------------------------------------------------------------------------------
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig, attack: str) -> None:
+    d = (x_adv - x).flatten(1)
+    size = {"Linf": d.abs().amax(1), "L2": d.norm(dim=1), "L1": d.abs().sum(1)}[config.norm]
+    if (size > config.eps * (1 + 1e-4) + 1e-6).any() or x_adv.min() < -1e-6 or x_adv.max() > 1 + 1e-6:
+        raise RuntimeError(f"attack {attack} returned points outside the {config.norm} ball of radius {config.eps:g} or [0,1]")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"robustify": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("pyautoattack", "timm", "robustbench"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: AttackConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+    source_model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    num_classes: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Attack ``model`` on ``(x, y)`` and return per-example and aggregate results.
+
+    Args:
+        model: the model to evaluate (inputs in [0, 1]); MeanSparse modules, if any, must be
+            calibrated.
+        x, y: test images (N, C, H, W) in [0, 1] and labels.
+        config: attacks, threat model and budgets.
+        out_dir: where to keep the journal and ``result.json`` (resumable); None keeps
+            everything in memory.
+        meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
+        source_model: the transfer attack's source (default: ``model`` with MeanSparse disabled).
+        num_classes: to validate labels.
+    """
+    config = config or AttackConfig()
+    meta = dict(meta or {})
+    validate_batch(x, y, num_classes)
+    n = x.shape[0]
+    directory = Path(out_dir) if out_dir is not None else None
+    header = {
+        "config": config.to_dict(),
+        "meta": meta,
+        "n_examples": n,
+        "data_fingerprint": _fingerprint(x, y),
+    }
+    model.eval()
+    with _locked(directory), _autoattack_warnings() as aa_warnings:
+        journal = Journal(directory, header)
+        try:
+            result = _run(model, x, y, config, journal, device, source_model, progress)
+        finally:
+            journal.close()
+    result.meta = meta
+    result.aa_checks = aa_warnings.messages
+    result.flags = audit(result)
+    if directory is not None:
+        write_json(directory / RESULT_FILE, result.to_dict())
+        logger.info("wrote %s", directory / RESULT_FILE)
+    return result
+
+
+def _run(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: AttackConfig,
+    journal: Journal,
+    device: torch.device | str,
+    source_model: nn.Module | None,
+    progress: bool,
+) -> EvalResult:
+    n = x.shape[0]
+    seconds: dict[str, float] = {}
+    correct = torch.zeros(n, dtype=torch.bool)
+    for k, idx in enumerate(tqdm(_chunks(list(range(n)), config.batch_size), desc="clean", disable=not progress)):
+        rec = journal.get("clean", k, idx)
+        if rec is None:
+            start = time.perf_counter()
+            pred = _predict(model, x[idx].to(device)).cpu()
+            ok = (pred == y[idx]).tolist()
+            rec = {"attack": "clean", "batch": k, "idx": idx, "broken": [int(not o) for o in ok],
+                   "seconds": time.perf_counter() - start}
+            journal.append(rec)
+        correct[idx] = torch.tensor([not b for b in rec["broken"]])
+        seconds["clean"] = seconds.get("clean", 0.0) + rec["seconds"]
+
+    first = correct.nonzero().flatten()[: config.batch_size]
+    if len(first):
+        _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
+
+    robust = correct.clone()
+    per_attack: dict[str, torch.Tensor] = {}
+    acc: dict[str, float] = {}
+    shared_aa = make_autoattack(model, config, device)
+    for name in config.attacks:
+        attack = build_attack(name, model, config, device=device, source_model=source_model, autoattack=shared_aa)
+        pool = correct if config.individual else robust
+        candidates = pool.nonzero().flatten().tolist()
+        broken = torch.zeros(n, dtype=torch.bool)
+        attacked = torch.zeros(n, dtype=torch.bool)
+        for k, idx in enumerate(tqdm(_chunks(candidates, config.batch_size), desc=name, disable=not progress)):
+            rec = journal.get(name, k, idx)
+            if rec is None:
+                rec = _attack_batch(model, attack, x, y, idx, k, config, device)
+                journal.append(rec)
+            broken[idx] = torch.tensor(rec["broken"], dtype=torch.bool)
+            attacked[idx] = True
+            seconds[name] = seconds.get(name, 0.0) + rec["seconds"]
+        per_attack[name] = torch.where(attacked, broken.long(), torch.full((n,), -1))
+        robust &= ~broken
+        acc[name] = float((correct & ~broken).float().mean()) if config.individual else float(robust.float().mean())
+        logger.info("%s: robust accuracy %.2f%%", name, 100 * acc[name])
+
+    per_example: dict[str, list[int | None]] = {"clean_correct": correct.long().tolist()}
+    for name, flags in per_attack.items():
+        per_example[name] = [None if v < 0 else int(v) for v in flags.tolist()]
+    return EvalResult(
+        meta={},
+        config=config.to_dict(),
+        n_examples=n,
+        clean_acc=float(correct.float().mean()),
+        attack_acc=acc,
+        worst_case_acc=float(robust.float().mean()),
+        flags=[],
+        per_example=per_example,
+        seconds=seconds,
+        versions=_versions(),
+    )
+
+
+def _attack_batch(
+    model: nn.Module,
+    attack: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: list[int],
+    k: int,
+    config: AttackConfig,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    xb, yb = x[idx].to(device), y[idx].to(device)
+    x_adv = attack.perturb(xb, yb).detach()
+    if x_adv.dim() == 3:
+        x_adv = x_adv.unsqueeze(0)
+    _check_perturbation(x_adv, xb, config, attack.name)
+    broken = (_predict(model, x_adv) != yb).cpu()
+    return {"attack": attack.name, "batch": k, "idx": idx, "broken": broken.long().tolist(),
+            "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------
+# gradient-masking audit (per result; cross-row checks live in robustify.leaderboard)
+# ------------------------------------------------------------------------------------------
+def _broken_count(result: EvalResult, attack: str) -> int:
+    return sum(1 for v in result.per_example.get(attack, []) if v == 1)
+
+
+def _breaks(result: EvalResult, attack: str) -> set[int]:
+    return {i for i, v in enumerate(result.per_example.get(attack, [])) if v == 1}
+
+
+def audit(result: EvalResult) -> list[str]:
+    """Flags that suggest gradient masking or an unreliable evaluation.
+
+    * ``black-box-beats-white-box``: Square or the transfer attack breaks examples that
+      every white-box attack run left robust (more than 0.2 points, as AutoAttack's check).
+    * ``bpda-beats-standard``: BPDA-APGD breaks examples standard APGD did not.
+    * ``adaptive-beats-standard``: the adaptive attack breaks examples standard attacks did not.
+    * ``autoattack-checks``: one of AutoAttack's own checks fired (see ``aa_checks``).
+    """
+    n = max(result.n_examples, 1)
+    attacks = list(result.attack_acc)
+    white = [a for a in attacks if a in ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "pgd")]
+    flags = []
+
+    def extra(attacks_a: list[str], attacks_b: list[str]) -> float:
+        a = set().union(*[_breaks(result, x) for x in attacks_a]) if attacks_a else set()
+        b = set().union(*[_breaks(result, x) for x in attacks_b]) if attacks_b else set()
+        return len(a - b) / n
+
+    if white and extra([a for a in attacks if a in BLACK_BOX], white) > AUDIT_MARGIN:
+        flags.append("black-box-beats-white-box")
+    std_apgd = [a for a in attacks if a in ("apgd-ce", "apgd-dlr")]
+    bpda_attacks = [a for a in attacks if a.startswith("bpda-")]
+    if std_apgd and bpda_attacks and extra(bpda_attacks, std_apgd) > AUDIT_MARGIN:
+        flags.append("bpda-beats-standard")
+    standard = [a for a in attacks if a in ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")]
+    if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
+        flags.append("adaptive-beats-standard")
+    if result.aa_checks:
+        flags.append("autoattack-checks")
+    return flags

@@ -1,0 +1,180 @@
+"""CLI commands for evaluation: ``evaluate``, ``sweep``, ``leaderboard`` and the main job ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from .cli import add_meansparse_args, add_model_args, meansparse_config, register_command
+
+logger = logging.getLogger("robustify")
+
+DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,adaptive,transfer"
+
+
+def add_attack_args(p: argparse.ArgumentParser, attacks: str = DEFAULT_ATTACKS) -> None:
+    g = p.add_argument_group("attacks")
+    g.add_argument("--attacks", default=attacks,
+                   help="comma-separated: apgd-ce, apgd-dlr, apgd-t, fab-t, square, autoattack, bpda "
+                        "(bpda-apgd-ce + bpda-apgd-dlr), adaptive, pgd, transfer")
+    g.add_argument("--eps", default="8/255", help="perturbation budget: a float or a fraction like 8/255")
+    g.add_argument("--norm", default=None, help="Linf, L2 or L1 (default: the --threat-model)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--attack-batch-size", type=int, default=128)
+    g.add_argument("--individual", action="store_true",
+                   help="run every attack on every correctly classified example (default: only on unbroken ones)")
+    g.add_argument("--apgd-iters", type=int, default=100)
+    g.add_argument("--apgd-restarts", type=int, default=1)
+    g.add_argument("--apgd-t-iters", type=int, default=100)
+    g.add_argument("--apgd-t-targets", type=int, default=9)
+    g.add_argument("--fab-iters", type=int, default=100)
+    g.add_argument("--fab-targets", type=int, default=9)
+    g.add_argument("--square-queries", type=int, default=5000)
+    g.add_argument("--adaptive-steps", type=int, default=50)
+    g.add_argument("--adaptive-lambda", type=float, default=1.0)
+    g.add_argument("--adaptive-step-size", type=float, default=None)
+
+
+def attack_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .attacks import AttackConfig
+
+    norm = args.norm or (args.threat_model if args.threat_model in ("Linf", "L2") else "Linf")
+    return AttackConfig(
+        attacks=tuple(a for a in args.attacks.split(",") if a.strip()),
+        norm=norm, eps=args.eps, seed=args.seed, batch_size=args.attack_batch_size, individual=args.individual,
+        apgd_iters=args.apgd_iters, apgd_restarts=args.apgd_restarts, apgd_t_iters=args.apgd_t_iters,
+        apgd_t_targets=args.apgd_t_targets, fab_iters=args.fab_iters, fab_targets=args.fab_targets,
+        square_queries=args.square_queries, adaptive_steps=args.adaptive_steps,
+        adaptive_lambda=args.adaptive_lambda, adaptive_step_size=args.adaptive_step_size,
+    )
+
+
+def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    add_model_args(p)
+    p.add_argument("--defense", default="meansparse" if sweep else "none",
+                   help="none, meansparse, sparta, sparta-nodp, pssilu, psilu, psoftplus, silu, softplus, gelu, elu")
+    p.add_argument("--defense-weights", default=None,
+                   help="MeanSparse calibration file, or trained defense parameters from `robustify train` "
+                        "(a --weights file with a robustify sidecar is taken as this too)")
+    add_meansparse_args(p)
+    p.add_argument("--data", default="cifar10", help="cifar10, cifar100, imagenet:DIR or a .npz file")
+    p.add_argument("--n-examples", type=int, default=200 if sweep else 1000)
+    p.add_argument("--holdout", type=int, default=500 if sweep else 0,
+                   help="training examples held out from calibration")
+    p.add_argument("--n-calib", type=int, default=None, help="calibrate on the first N training examples only")
+    p.add_argument("--calib-batch-size", type=int, default=256)
+    p.add_argument("--out", required=True, help="results directory (resumable: rerun the same command to resume)")
+    p.add_argument("--leaderboard-dir", default=None,
+                   help="rebuild this leaderboard from every result next to --out when done")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def job_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .pipeline import EvaluationJob
+
+    return EvaluationJob(
+        model=args.model, defense=args.defense, data=args.data, dataset=args.dataset,
+        threat_model=args.threat_model, weights=args.weights, defense_weights=args.defense_weights,
+        pretrained=args.pretrained, cache_dir=args.cache_dir, device=args.device, n_examples=args.n_examples,
+        holdout=args.holdout, n_calib=args.n_calib, calib_batch_size=args.calib_batch_size,
+        meansparse=meansparse_config(args), attack=attack_config(args), out=args.out,
+        leaderboard_dir=args.leaderboard_dir, progress=args.progress,
+    )
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _add_job_args(p)
+    add_attack_args(p)
+
+
+def _print_result(result) -> None:  # type: ignore[no-untyped-def]
+    print(f"clean {100 * result.clean_acc:.2f}%")
+    for attack, acc in result.attack_acc.items():
+        print(f"{attack:>14s} {100 * acc:.2f}%")
+    print(f"{'worst case':>14s} {100 * result.worst_case_acc:.2f}%" + (f"  flags: {', '.join(result.flags)}" if result.flags else ""))
+
+
+@register_command("evaluate", "attack a model (and its defense) and write per-example results", _evaluate_args)
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .pipeline import run_evaluation
+
+    _print_result(run_evaluation(job_from_args(args)))
+    return 0
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    _add_job_args(p, sweep=True)
+    add_attack_args(p, attacks="apgd-ce,bpda")
+    p.add_argument("--alphas", default="0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4")
+    p.add_argument("--max-clean-drop", type=float, default=0.5,
+                   help="rule: best robust accuracy with clean accuracy within this many points of the base")
+
+
+@register_command("sweep", "calibrate once, evaluate a grid of alpha on held-out data, pick alpha", _sweep_args)
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .pipeline import sweep_alpha
+
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    result = sweep_alpha(job_from_args(args), alphas, max_clean_drop=args.max_clean_drop)
+    for row in result.curve:
+        print(f"alpha {row['alpha']:<5g} clean {row['clean_acc']:.2f}%  worst case {row['worst_case_acc']:.2f}%")
+    print(f"chosen alpha: {result.chosen_alpha}  ({result.rule})")
+    return 0
+
+
+def _leaderboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="directory searched recursively for result.json files")
+    p.add_argument("--out", default="leaderboard", help="where to write leaderboard.{csv,md}, model_info/, plots/")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
+
+
+@register_command("leaderboard", "rebuild the leaderboard tables and plots from results alone", _leaderboard_args)
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import to_markdown, write_leaderboard
+
+    if not Path(args.results).is_dir():
+        raise ValueError(f"results directory {args.results!r} does not exist")
+    print(to_markdown(write_leaderboard(args.results, args.out, plots=args.plots)))
+    return 0
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p, positional=False)
+    p.add_argument("--model", default="aa-resnet18")
+    p.add_argument("--data", default="cifar10", help="cifar10 (downloaded), or offline: a .npz file")
+    p.add_argument("--alpha", type=float, default=0.2)
+    p.add_argument("--n-examples", type=int, default=100)
+    p.add_argument("--n-calib", type=int, default=5000)
+    p.add_argument("--eps", default="8/255")
+    p.add_argument("--apgd-iters", type=int, default=20)
+    p.add_argument("--out", default="runs/quick")
+
+
+@register_command("run", "the main job: robustify a model with MeanSparse, check it, and make a quick "
+                         "leaderboard (base vs MeanSparse, APGD-CE and BPDA)", _run_args)
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .attacks import AttackConfig
+    from .config import MeanSparseConfig
+    from .leaderboard import to_markdown, write_leaderboard
+    from .pipeline import EvaluationJob, run_evaluation
+
+    out = Path(args.out)
+    attack = AttackConfig(attacks=("apgd-ce", "bpda"), eps=args.eps, apgd_iters=args.apgd_iters)
+    base_job = EvaluationJob(
+        model=args.model, data=args.data, dataset=args.dataset, threat_model=args.threat_model,
+        weights=args.weights, pretrained=args.pretrained, cache_dir=args.cache_dir, device=args.device,
+        n_examples=args.n_examples, n_calib=args.n_calib, attack=attack, out=str(out / "results" / "base"),
+    )
+    base = run_evaluation(base_job)
+    defended = run_evaluation(replace(base_job, defense="meansparse", meansparse=MeanSparseConfig(alpha=args.alpha),
+                                      out=str(out / "results" / f"meansparse_{args.alpha:g}")))
+    print(to_markdown(write_leaderboard(out / "results", out / "leaderboard")))
+    print(f"base: clean {100 * base.clean_acc:.2f}%, worst case {100 * base.worst_case_acc:.2f}%; "
+          f"MeanSparse alpha={args.alpha:g}: clean {100 * defended.clean_acc:.2f}%, "
+          f"worst case {100 * defended.worst_case_acc:.2f}% -> {out / 'leaderboard' / 'leaderboard.md'}")
+    return 0

@@ -1,0 +1,254 @@
+"""End-to-end jobs: load -> insert -> calibrate -> evaluate -> leaderboard, in one call.
+
+These are the functions the CLI commands call (``robustify evaluate``, ``sweep``,
+``run``); use them from Python for the same results.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .attacks import AttackConfig
+from .calibrate import calibrate
+from .config import MeanSparseConfig
+from .data import load_data, loader, to_tensors
+from .evaluate import EvalResult, evaluate
+from .insert import insert_meansparse
+from .io import atomic_path, write_json
+from .meansparse import meansparse_modules, set_alpha
+from .models import ModelInfo, load_model
+from .state import load_calibration, save_calibration, sidecar_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvaluationJob", "SweepResult", "build_defended_model", "run_evaluation", "sweep_alpha"]
+
+DEFENSES = ("none", "meansparse", "sparta", "sparta-nodp", "pssilu", "psilu", "psoftplus", "silu", "softplus",
+            "gelu", "elu")
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+@dataclass
+class EvaluationJob:
+    """Everything one evaluation needs; the CLI fills it from flags."""
+
+    model: str
+    defense: str = "none"
+    data: str = "cifar10"
+    dataset: str = "cifar10"
+    threat_model: str = "Linf"
+    weights: str | None = None
+    defense_weights: str | None = None
+    pretrained: bool = True
+    cache_dir: str | None = None
+    device: str = "cpu"
+    n_examples: int = 1000
+    split: str = "test"
+    holdout: int = 0
+    n_calib: int | None = None
+    calib_batch_size: int = 256
+    meansparse: MeanSparseConfig = field(default_factory=MeanSparseConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    out: str = "runs/eval"
+    leaderboard_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.defense not in DEFENSES:
+            raise ValueError(f"unknown defense {self.defense!r}; choose from {list(DEFENSES)}")
+        if self.n_examples < 1:
+            raise ValueError(f"n_examples must be positive, got {self.n_examples}")
+
+
+def _is_defense_file(path: str | None) -> bool:
+    if not path or not sidecar_path(path).is_file():
+        return False
+    try:
+        return str(json.loads(sidecar_path(path).read_text()).get("format", "")).startswith("robustify")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _calibration_data(job: EvaluationJob) -> Any:
+    from torch.utils.data import Subset
+
+    ds = load_data(job.data, "train", holdout=job.holdout, cache_dir=job.cache_dir)
+    if job.n_calib is not None:
+        if not 0 < job.n_calib <= len(ds):
+            raise ValueError(f"n_calib must be in [1, {len(ds)}], got {job.n_calib}")
+        ds = Subset(ds, range(job.n_calib))
+    return loader(ds, job.calib_batch_size)
+
+
+def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Module:
+    example = info.example_input(device=job.device)
+    cached = Path(job.out) / CALIBRATION_FILE
+    source = job.defense_weights or (str(cached) if cached.is_file() else None)
+    if source is not None:
+        model = load_calibration(model, source, example)
+        set_alpha(model, job.meansparse.alpha)
+        logger.info("MeanSparse statistics loaded from %s (no recalibration)", source)
+        return model
+    model = insert_meansparse(model, example, job.meansparse)
+    calibrate(model, _calibration_data(job), device=job.device, progress=job.progress)
+    save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
+                     extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib})
+    return model
+
+
+def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.Module | None]:
+    """Load the model and apply the job's defense.
+
+    Returns ``(model, info, source_model)`` where ``source_model`` is the undefended base
+    model for the transfer attack when the defense cannot simply be switched off (None
+    for MeanSparse, whose modules are disabled instead).
+    """
+    weights, defense_weights = job.weights, job.defense_weights
+    if job.defense != "none" and defense_weights is None and _is_defense_file(weights):
+        weights, defense_weights = None, weights  # `--weights` named the defense's file
+        job = replace(job, weights=None, defense_weights=defense_weights)
+    model, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=weights,
+                             pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
+    if job.defense == "none":
+        return model, info, None
+    if job.defense == "meansparse":
+        return _meansparse(job, model, info), info, None
+    if defense_weights is None:
+        raise ValueError(f"--defense {job.defense} needs its trained parameters: --defense-weights FILE "
+                         "(from `robustify train`)")
+    from .train import load_defense
+
+    base = copy.deepcopy(model)
+    defended = load_defense(model, defense_weights, info.example_input(device=job.device))
+    return defended, info, base
+
+
+def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str, Any]:
+    has_ms = bool(meansparse_modules(model))
+    meta: dict[str, Any] = {
+        "model": job.model,
+        "defense": job.defense,
+        "alpha": job.meansparse.alpha if job.defense == "meansparse" else None,
+        "dataset": info.dataset,
+        "data": job.data,
+        "split": job.split,
+        "weights": job.weights,
+        "defense_weights": job.defense_weights,
+        "meansparse": job.meansparse.to_dict() if has_ms else None,
+    }
+    return meta
+
+
+def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[AttackConfig, dict[str, str]]:
+    """Drop attacks that cannot differ from others on this model, saying why."""
+    skipped: dict[str, str] = {}
+    has_ms = bool(meansparse_modules(model))
+    keep = []
+    for attack in config.attacks:
+        if attack.startswith("bpda-") and not has_ms:
+            skipped[attack] = ("not applicable: no MeanSparse (equals standard APGD)" if defense == "none"
+                               else "not applicable: the defense is differentiable")
+        elif attack == "transfer" and defense == "none":
+            skipped[attack] = "not applicable: the source would be the model itself"
+        else:
+            keep.append(attack)
+    if not keep:
+        raise ValueError(f"none of the attacks {list(config.attacks)} applies to defense {defense!r}")
+    return replace(config, attacks=tuple(keep)), skipped
+
+
+def run_evaluation(job: EvaluationJob) -> EvalResult:
+    """Load, defend, calibrate (or load statistics), evaluate, and rebuild the leaderboard."""
+    model, info, source = build_defended_model(job)
+    data = load_data(job.data, job.split, n=job.n_examples, holdout=job.holdout if job.split == "holdout" else 0,
+                     cache_dir=job.cache_dir)
+    x, y = to_tensors(data)
+    config, skipped = _applicable(job.attack, model, job.defense)
+    meta = _job_meta(job, info, model)
+    meta["not_applicable"] = skipped
+    result = evaluate(model, x, y, config, out_dir=job.out, meta=meta, source_model=source, device=job.device,
+                      num_classes=info.num_classes, progress=job.progress)
+    if job.leaderboard_dir:
+        from .leaderboard import write_leaderboard
+
+        write_leaderboard(Path(job.out).parent, job.leaderboard_dir)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# alpha sweep
+# ------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """The held-out curve and the alpha the rule picked."""
+
+    alphas: list[float]
+    curve: list[dict[str, Any]]
+    base: dict[str, float]
+    chosen_alpha: float | None
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _choose(curve: pd.DataFrame, base_clean: float, max_clean_drop: float) -> float | None:
+    ok = curve[curve["clean_acc"] >= base_clean - max_clean_drop]
+    if ok.empty:
+        return None
+    best = ok["worst_case_acc"].max()
+    return float(ok[ok["worst_case_acc"] == best]["alpha"].min())
+
+
+def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float = 0.5) -> SweepResult:
+    """Calibrate once, evaluate every alpha on the held-out split, pick alpha by an explicit rule.
+
+    Rule: the highest worst-case robust accuracy among the alphas whose clean accuracy is
+    within ``max_clean_drop`` points of the base model's (ties: the smallest alpha).
+    Alpha 0 (exactly the base model) is always evaluated as the reference. Results go to
+    ``<out>/alpha_<a>/`` (each resumable), the curve to ``<out>/sweep.{json,csv,png}``.
+    """
+    if job.holdout <= 0:
+        raise ValueError("the sweep evaluates on held-out training examples: set holdout > 0")
+    if any(a < 0 for a in alphas) or not alphas:
+        raise ValueError(f"alphas must be a non-empty list of numbers >= 0, got {alphas}")
+    grid = sorted(set([0.0, *map(float, alphas)]))
+    job = replace(job, defense="meansparse", split="holdout", meansparse=replace(job.meansparse, alpha=grid[0]))
+    model, info, _ = build_defended_model(job)
+    data = load_data(job.data, "holdout", n=job.n_examples, holdout=job.holdout, cache_dir=job.cache_dir)
+    x, y = to_tensors(data)
+    rows = []
+    for alpha in grid:
+        set_alpha(model, alpha)
+        config = job.attack
+        meta = {**_job_meta(replace(job, meansparse=replace(job.meansparse, alpha=alpha)), info, model)}
+        result = evaluate(model, x, y, config, out_dir=Path(job.out) / f"alpha_{alpha:g}", meta=meta,
+                          device=job.device, num_classes=info.num_classes, progress=job.progress)
+        rows.append({"alpha": alpha, "clean_acc": 100 * result.clean_acc,
+                     "worst_case_acc": 100 * result.worst_case_acc,
+                     **{f"{a}_acc": 100 * v for a, v in result.attack_acc.items()}})
+    curve = pd.DataFrame(rows)
+    base = {"clean_acc": float(curve.loc[curve["alpha"] == 0.0, "clean_acc"].iloc[0]),
+            "worst_case_acc": float(curve.loc[curve["alpha"] == 0.0, "worst_case_acc"].iloc[0])}
+    rule = (f"max worst_case_acc on the held-out split subject to clean_acc >= base clean_acc - {max_clean_drop} "
+            "points; ties -> smallest alpha")
+    chosen = _choose(curve, base["clean_acc"], max_clean_drop)
+    result = SweepResult(alphas=grid, curve=rows, base=base, chosen_alpha=chosen, rule=rule)
+    out = Path(job.out)
+    write_json(out / "sweep.json", result.to_dict())
+    with atomic_path(out / "sweep.csv") as tmp:
+        curve.to_csv(tmp, index=False)
+    from .plots import plot_sweep
+
+    plot_sweep(curve, chosen, base, out / "sweep.png")
+    logger.info("sweep: chosen alpha = %s (%s)", chosen, rule)
+    return result

@@ -1,0 +1,35 @@
+"""Tiny deterministic models for fast CPU tests (importable as a factory spec ``tinynets:NAME``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU (module), Conv-BN-F.relu (functional), linear head; 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=4, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    with torch.no_grad():  # non-trivial BN statistics so MeanSparse has something to cut
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
