@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["MeanSparseConfig", "parse_eps"]
+__all__ = ["MeanSparseConfig", "check_alpha", "parse_eps", "parse_site_alpha"]
+
+
+def check_alpha(value: Any, what: str = "alpha") -> float:
+    """``value`` as a float if it is a finite number >= 0, else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def parse_site_alpha(text: str) -> dict[str, float]:
+    """Parse per-site thresholds written ``"site=0.1,other.site=0.25"``."""
+    result: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.rpartition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"per-site alpha must look like 'site=0.1', got {item!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"alpha of site {name.strip()!r} is not a number: {value!r}") from None
+        result[name.strip()] = check_alpha(number, f"alpha of site {name.strip()!r}")
+    return result
 
 
 @dataclass(frozen=True)
@@ -19,6 +44,8 @@ class MeanSparseConfig:
         include: glob patterns of site names to use (default: all).
         exclude: glob patterns of site names to skip.
         skip_se: skip activations inside squeeze-and-excitation blocks (as the paper does).
+        site_alpha: per-site thresholds overriding ``alpha`` (site name -> alpha); naming a
+            site the plan does not select is an error at insertion.
         preset: placement preset, see :data:`robustify.sites.PRESETS`.
         channel_dim: force the channel axis of every site (default: inferred per site).
         stats_mode: "exact" (merged float64 moments) or "official" (the published code's
@@ -33,20 +60,33 @@ class MeanSparseConfig:
     preset: str = "all"
     channel_dim: int | None = None
     stats_mode: str = "exact"
+    site_alpha: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise TypeError(f"alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        check_alpha(self.alpha)
         if self.stats_mode not in ("exact", "official"):
             raise ValueError(f"stats_mode must be 'exact' or 'official', got {self.stats_mode!r}")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"{name} must be a sequence of glob patterns, got {patterns!r}")
+            object.__setattr__(self, name, tuple(patterns))
+        if self.channel_dim is not None and (isinstance(self.channel_dim, bool) or not isinstance(self.channel_dim, int)):
+            raise TypeError(f"channel_dim must be an integer or None, got {self.channel_dim!r}")
+        if not isinstance(self.site_alpha, Mapping):
+            raise TypeError(f"site_alpha must map site names to alphas, got {self.site_alpha!r}")
+        object.__setattr__(
+            self, "site_alpha", {str(k): check_alpha(v, f"alpha of site {k!r}") for k, v in self.site_alpha.items()}
+        )
+
+    def alpha_of(self, site: str) -> float:
+        """The threshold of ``site``: its ``site_alpha`` entry, else ``alpha``."""
+        return self.site_alpha.get(site, self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["site_alpha"] = dict(self.site_alpha)
         return {"_type": type(self).__name__, "_version": self.VERSION, **d}
 
     @classmethod

@@ -81,11 +81,17 @@ def insert_meansparse(
     if meansparse_modules(model):
         raise InsertionError("the model already has MeanSparse modules; remove them first")
     prepared, sites = plan(model, example, config)
+    unknown = sorted(set(config.site_alpha) - {s.name for s in sites})
+    if unknown:
+        raise InsertionError(
+            f"per-site alpha names site(s) {unknown} that the plan does not select; selected sites: "
+            f"{[s.name for s in sites][:8]}{'...' if len(sites) > 8 else ''} (see `robustify inspect`)"
+        )
     for site in sites:
         activation = prepared.get_submodule(site.name)
         module = MeanSparse(
             site.channels,
-            alpha=config.alpha,
+            alpha=config.alpha_of(site.name),
             channel_dim=site.channel_dim,
             ndim=len(site.input_shape),
             site=site.name,

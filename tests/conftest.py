@@ -16,6 +16,10 @@ fixture            scope     what
                              10 classes, with 4 activation sites: ``act1`` (nn.ReLU module),
                              an ``F.relu`` call, ``act3`` (nn.SiLU) and ``x.relu()``
 ``tiny_input``     function  ``torch.rand(6, 3, 8, 8)``, seeded
+``check_insertion`` session  ``check(spec, side, n_sites, activation, dims, channels)``: loads
+                             ``spec`` without weights, inserts and calibrates MeanSparse, asserts
+                             the site count/activation/channel axes/channel counts (``channels``
+                             may be None) and that alpha=0 gives the base output exactly
 =================  ========  ===================================================================
 """
 
@@ -129,3 +133,46 @@ def tiny_model() -> nn.Module:
 def tiny_input() -> torch.Tensor:
     return torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
+
+
+def _call_count(module: nn.Module, x: torch.Tensor, model: nn.Module) -> int:
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def _check_insertion(spec: str, side: int, n_sites: int, activation: str, dims: set[int], channels: list[int] | None) -> None:
+    from robustify import MeanSparseConfig, calibrate, insert_meansparse, load_model, meansparse_modules, set_alpha
+
+    model, _ = load_model(spec, pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, side, side, generator=g)  # one image per forward: WRN-28-10 is 5 GFLOPs each
+    with torch.no_grad():
+        base = model(x)
+    shared = [m for m in model.modules() if type(m).__name__ == "PSSiLU"]
+    if shared:  # the PAF network calls its single PSSiLU once per activation site
+        assert len(shared) == 1 and _call_count(shared[0], x, model) == n_sites
+    ms_model = insert_meansparse(model, x, MeanSparseConfig(alpha=0.0))
+    calibrate(ms_model, [torch.rand(2, 3, side, side, generator=g)], progress=False)
+    modules = meansparse_modules(ms_model)
+    assert len(modules) == n_sites
+    assert {type(ms_model.get_submodule(s)).__name__ for s in modules} == {activation}
+    assert {m.channel_dim for m in modules.values()} == dims
+    if channels is not None:
+        assert sorted(m.channels for m in modules.values()) == sorted(channels)
+    if shared:  # one parameter-sharing copy per call
+        assert len({ms_model.get_submodule(s).alpha.data_ptr() for s in modules}) == 1
+    with torch.no_grad():
+        assert torch.equal(ms_model(x), base)  # alpha = 0 is exactly the identity
+        set_alpha(ms_model, 0.5)
+        assert not torch.equal(ms_model(x), base)
+
+
+@pytest.fixture(scope="session")
+def check_insertion():
+    return _check_insertion
