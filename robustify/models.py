@@ -130,7 +130,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: nn.Module, path: str | Path) -> None:
     state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches are raised, not reported
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+            + (f"{details[0]}" + (f" (and {len(details) - 1} more)" if len(details) > 1 else "") if details else str(exc))
+        ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
@@ -219,6 +226,16 @@ def _factory(path: str) -> nn.Module:
     return model
 
 
+def _convert_published(model: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
+    """Turn the MeanSparse modules of RobustBench's ``Amini2024MeanSparse_*`` models into robustify's."""
+    from .interop import convert_published_meansparse, find_published_meansparse
+
+    if not find_published_meansparse(model):
+        return model
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    return convert_published_meansparse(model, torch.zeros(1, *input_size, device=device))
+
+
 def load_model(
     spec: str,
     *,
@@ -229,7 +246,13 @@ def load_model(
     cache_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, ModelInfo]:
-    """Load a model from a spec (see the module doc). Returns ``(model.eval(), info)``."""
+    """Load a model from a spec (see the module doc). Returns ``(model.eval(), info)``.
+
+    RobustBench's published MeanSparse models (``Amini2024MeanSparse_*``) come back with their
+    MeanSparse modules converted to robustify's (same outputs; see :mod:`robustify.interop`).
+    Raises :class:`ModelLoadError` with a one-line reason for unknown specs and unusable
+    checkpoints.
+    """
     if dataset not in DATASET_INPUT:
         raise ModelLoadError(f"unknown dataset {dataset!r}; choose from {sorted(DATASET_INPUT)}")
     if threat_model not in THREAT_MODELS:
@@ -259,6 +282,8 @@ def load_model(
     if weights is not None:
         _load_weights(target, weights)
         logger.info("loaded weights from %s", weights)
+    if source == "robustbench":
+        model = _convert_published(model, input_size)
     info = ModelInfo(
         spec=spec,
         source=source,
