@@ -129,11 +129,14 @@ def convert_published_meansparse(model: nn.Module, example: torch.Tensor | None 
         return model
     needs_probe = any(_fixed_layout(m) is None for m in published.values())
     shapes = _probe_shapes(model, published, example) if needs_probe and example is not None else {}
+    replacements = {}  # all built first: an error leaves the model unchanged
     for name, module in published.items():
         shape = shapes.get(name)
         if needs_probe and example is not None and shape is None and _fixed_layout(module) is None:
             raise ValueError(f"published MeanSparse module {name!r} did not run on the example input")
         ndim = len(shape) if shape is not None else (3 if _fixed_layout(module) == -1 else 4)
-        _replace(model, name, _convert_one(name, module, _channel_dim(name, module, shape), ndim))
+        replacements[name] = _convert_one(name, module, _channel_dim(name, module, shape), ndim)
+    for name, new in replacements.items():
+        _replace(model, name, new)
     logger.info("converted %d published MeanSparse module(s) of %s", len(published), type(model).__name__)
     return model
