@@ -31,48 +31,83 @@ class DataError(ValueError):
     """A dataset spec, file or content is unusable."""
 
 
-def validate_batch(x: torch.Tensor, y: torch.Tensor | None = None, num_classes: int | None = None) -> None:
-    """Refuse images outside [0, 1], NaN/Inf, non-NCHW shapes, and labels out of range."""
+def validate_batch(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    *,
+    input_size: tuple[int, ...] | None = None,
+) -> None:
+    """Refuse a batch a model must not be fed, with a one-line :class:`DataError`.
+
+    Checks: a 4-D floating-point batch; values finite and in [0, 1]; the channel count (and,
+    when given, height and width) of ``input_size`` ``(C, H, W)``; as many labels as images,
+    integer labels in ``[0, num_classes)``.
+    """
     if x.dim() != 4:
         raise DataError(f"images must be a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         raise DataError(f"images must be floating point in [0, 1], got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise DataError("images contain NaN or Inf values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
-        raise DataError(
-            f"images must be in [0, 1], got values in [{lo:g}, {hi:g}] (divide uint8 images by 255; "
-            "normalisation belongs inside the model)"
-        )
+    if input_size is not None:
+        expected = tuple(input_size)
+        if x.shape[1] != expected[0]:
+            raise DataError(
+                f"images have {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model expects {expected[0]} "
+                f"(input size {expected})"
+            )
+        if len(expected) == 3 and tuple(x.shape[2:]) != expected[1:]:
+            raise DataError(f"images are {x.shape[2]}x{x.shape[3]}, the model expects {expected[1]}x{expected[2]}")
+    if x.numel():
+        if not torch.isfinite(x).all():
+            raise DataError("images contain NaN or Inf values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"images must be in [0, 1], got values in [{lo:g}, {hi:g}] (divide uint8 images by 255; "
+                "normalisation belongs inside the model)"
+            )
     if y is not None:
-        if y.shape[0] != x.shape[0]:
-            raise DataError(f"{x.shape[0]} images but {y.shape[0]} labels")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{x.shape[0]} images but labels of shape {tuple(y.shape)}")
+        if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:
+            raise DataError(f"labels must be integers, got dtype {y.dtype}")
         if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
-            raise DataError(f"labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+            bound = num_classes if num_classes is not None else "n_classes"
+            raise DataError(f"labels must be in [0, {bound}), got values in [{int(y.min())}, {int(y.max())}]")
 
 
 def _npz(path: Path, split: str) -> TensorDataset:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
+    part = "test" if split == "test" else "train"
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in NPZ_KEYS if k not in data]
             if missing:
                 raise DataError(f"{str(path)!r} lacks arrays {missing}; expected {list(NPZ_KEYS)}")
-            part = "test" if split == "test" else "train"
             x, y = data[f"x_{part}"], data[f"y_{part}"]
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - zip/format errors
-        raise DataError(f"cannot read {str(path)!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - zip/format errors, truncated files, object arrays
+        raise DataError(f"cannot read {str(path)!r} (truncated or not an .npz of plain arrays): {exc}") from exc
+    if x.ndim != 4:
+        raise DataError(f"{str(path)!r}: x_{part} must be 4-D (N, C, H, W), got shape {x.shape}")
+    if not (np.issubdtype(y.dtype, np.integer)):
+        raise DataError(f"{str(path)!r}: y_{part} must hold integer labels, got dtype {y.dtype}")
     if x.dtype == np.uint8:
         xt = torch.from_numpy(x).float().div_(255)
-    else:
+    elif np.issubdtype(x.dtype, np.floating):
         xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    if xt.dim() == 4 and xt.shape[1] not in (1, 3) and xt.shape[-1] in (1, 3):
+    else:
+        raise DataError(f"{str(path)!r}: x_{part} must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
+    if xt.shape[1] not in (1, 3) and xt.shape[-1] in (1, 3):
         xt = xt.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-    return TensorDataset(xt, torch.from_numpy(np.asarray(y)).long())
+    yt = torch.from_numpy(np.asarray(y)).long()
+    try:
+        validate_batch(xt, yt)
+    except DataError as exc:
+        raise DataError(f"{str(path)!r} ({part} split): {exc}") from None
+    return TensorDataset(xt, yt)
 
 
 def _torchvision(name: str, split: str, cache: Path) -> Dataset:
@@ -107,13 +142,24 @@ def load_data(
     n: int | None = None,
     holdout: int = 0,
     cache_dir: str | Path | None = None,
+    num_classes: int | None = None,
 ) -> Dataset:
-    """Load a split of a dataset (see the module doc); ``n`` keeps the first ``n`` examples."""
+    """Load a split of a dataset (see the module doc); ``n`` keeps the first ``n`` examples.
+
+    ``.npz`` contents are checked on load (shape, dtype, values in [0, 1], finite, integer
+    labels, and labels below ``num_classes`` when given). Every problem raises a one-line
+    :class:`DataError`.
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if spec.endswith(".npz"):
         dataset: Dataset = _npz(Path(spec), split)
+        labels = dataset.tensors[1]  # type: ignore[attr-defined]
+        if num_classes is not None and labels.numel() and int(labels.max()) >= num_classes:
+            raise DataError(
+                f"{spec!r} has labels up to {int(labels.max())}, but the model has {num_classes} classes"
+            )
     elif spec in ("cifar10", "cifar100"):
         dataset = _torchvision(spec, split, cache)
     elif spec.startswith("imagenet:"):
