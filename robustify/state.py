@@ -8,25 +8,33 @@ config, checks that the sites and channel counts match, and sets the statistics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
 from .config import MeanSparseConfig
-from .insert import insert_meansparse
+from .insert import insert_meansparse, remove_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StateMismatchError", "load_calibration", "save_calibration", "sidecar_path"]
+__all__ = [
+    "StateMismatchError",
+    "content_digest",
+    "load_calibration",
+    "read_calibration",
+    "save_calibration",
+    "sidecar_path",
+]
 
 FORMAT = "robustify-meansparse"
 FORMAT_VERSION = 1
@@ -41,6 +49,20 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes and bytes), in key order.
+
+    Stored in both the safetensors metadata and the sidecar, so that a pair of files from
+    two different runs (a write interrupted between the two files) is detected on load.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_calibration(
     model: nn.Module,
     path: str | Path,
@@ -49,7 +71,12 @@ def save_calibration(
     model_info: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the calibrated MeanSparse state of ``model`` to ``path`` (+ JSON sidecar)."""
+    """Write the calibrated MeanSparse state of ``model`` to ``path`` (+ JSON sidecar).
+
+    Both files are written atomically (the tensors first, then the sidecar); they carry the same
+    content digest, so a pair left inconsistent by a crash between the two writes is refused on
+    load instead of being silently mixed.
+    """
     modules = meansparse_modules(model)
     if not modules:
         raise ValueError("the model has no MeanSparse modules to save")
@@ -60,10 +87,12 @@ def save_calibration(
     for site, m in modules.items():
         tensors[f"{site}.mean"] = m.mean.detach().cpu().float().contiguous()
         tensors[f"{site}.var"] = m.var.detach().cpu().float().contiguous()
+    digest = content_digest(tensors)
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "robustify_version": __version__,
+        "content_sha256": digest,
         "model": model_info or {},
         "config": config.to_dict(),
         "sites": [
@@ -81,14 +110,30 @@ def save_calibration(
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "content_sha256": digest})
     write_json(sidecar_path(path), sidecar)
     logger.info("saved %d MeanSparse site(s) to %s", len(modules), path)
     return path
 
 
+def _check_sidecar(meta: Any, side: Path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StateMismatchError(f"{str(side)!r} is not a robustify MeanSparse calibration sidecar")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StateMismatchError(
+            f"{str(side)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    sites = meta.get("sites")
+    if (
+        not isinstance(meta.get("config"), dict)
+        or not isinstance(sites, list)
+        or not all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("channels"), int) for s in sites)
+    ):
+        raise StateMismatchError(f"{str(side)!r} is damaged: its 'config' or 'sites' entries are missing or malformed")
+
+
 def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and check a calibration file and its sidecar."""
+    """Read and check a calibration file and its sidecar (format, integrity, pairing)."""
     path = Path(path)
     side = sidecar_path(path)
     for p in (path, side):
@@ -96,32 +141,30 @@ def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             raise StateMismatchError(f"calibration file {str(p)!r} does not exist")
     try:
         meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StateMismatchError(f"{str(side)!r} is not valid JSON (truncated or corrupted): {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StateMismatchError(f"{str(side)!r} is not a robustify MeanSparse calibration sidecar")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StateMismatchError(f"{str(side)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    _check_sidecar(meta, side)
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise StateMismatchError(f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {exc}") from exc
+        with safe_open(str(path), framework="pt") as f:
+            file_meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StateMismatchError(f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {first}") from exc
+    digest = content_digest(tensors)
+    if meta.get("content_sha256") not in (None, digest) or file_meta.get("content_sha256") not in (None, digest):
+        raise StateMismatchError(
+            f"{str(path)!r} and its sidecar {side.name!r} do not belong together or the tensors are damaged "
+            "(content digest mismatch; was a write interrupted?): calibrate again"
+        )
     return tensors, meta
 
 
-def load_calibration(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
-    """Insert MeanSparse as saved in ``path`` into a fresh ``model`` and restore its statistics.
-
-    Returns the model to use (see :func:`robustify.insert_meansparse`). Refuses, with a
-    message naming the difference, a model whose sites or channel counts do not match.
-    """
-    tensors, meta = read_calibration(path)
-    config = MeanSparseConfig.from_dict(meta["config"])
+def _restore(
+    model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], config: MeanSparseConfig, path: Path
+) -> None:
+    """Check the inserted sites against the file and set their statistics."""
     saved_model = meta.get("model") or {}
-    try:
-        model = insert_meansparse(model, example, config)
-    except ValueError as exc:
-        raise StateMismatchError(f"{str(path)!r} does not fit this model: {exc}") from exc
     modules = meansparse_modules(model)
     saved_sites = {s["name"]: s for s in meta["sites"]}
     missing = sorted(set(saved_sites) - set(modules))
@@ -133,16 +176,49 @@ def load_calibration(model: nn.Module, path: str | Path, example: torch.Tensor) 
             f"{len(unexpected)} model site(s) not in the file (e.g. {unexpected[:3]})"
         )
     for site, m in modules.items():
+        saved = saved_sites[site]
         mean, var = tensors.get(f"{site}.mean"), tensors.get(f"{site}.var")
         if mean is None or var is None:
             raise StateMismatchError(f"{str(path)!r} lacks the tensors of site {site!r}")
-        if mean.numel() != m.channels or saved_sites[site]["channels"] != m.channels:
+        if mean.numel() != m.channels or var.numel() != m.channels or saved["channels"] != m.channels:
             raise StateMismatchError(
                 f"{str(path)!r} does not fit this model: site {site!r} has {m.channels} channels, "
                 f"the file has {mean.numel()}"
             )
-        m.set_statistics(mean, var)
-        m.alpha = saved_sites[site].get("alpha", config.alpha)
-        m.moments.count = int(saved_sites[site].get("count", 0))
-    logger.info("loaded %d MeanSparse site(s) from %s", len(modules), path)
-    return model
+        if saved.get("channel_dim", m.channel_dim) != m.channel_dim:
+            raise StateMismatchError(
+                f"{str(path)!r} does not fit this model: site {site!r} has its channels on dim {m.channel_dim}, "
+                f"the file on dim {saved['channel_dim']}"
+            )
+        try:
+            m.set_statistics(mean, var)
+            m.alpha = saved.get("alpha", config.alpha)
+        except (TypeError, ValueError) as exc:
+            raise StateMismatchError(f"{str(path)!r} holds unusable statistics: {exc}") from exc
+        m.moments.count = int(saved.get("count", 0))
+
+
+def load_calibration(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
+    """Insert MeanSparse as saved in ``path`` into a fresh ``model`` and restore its statistics.
+
+    Returns the model to use (see :func:`robustify.insert_meansparse`). Refuses, with a
+    message naming the difference, a model whose sites or channel counts do not match, and
+    damaged or mismatched files; on refusal ``model`` is left without MeanSparse modules.
+    """
+    path = Path(path)
+    tensors, meta = read_calibration(path)
+    try:
+        config = MeanSparseConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise StateMismatchError(f"{str(path)!r} has an unusable insertion config: {exc}") from exc
+    try:
+        prepared = insert_meansparse(model, example, config)
+    except ValueError as exc:
+        raise StateMismatchError(f"{str(path)!r} does not fit this model: {exc}") from exc
+    try:
+        _restore(prepared, tensors, meta, config, path)
+    except BaseException:
+        remove_meansparse(prepared)
+        raise
+    logger.info("loaded %d MeanSparse site(s) from %s", len(meansparse_modules(prepared)), path)
+    return prepared
