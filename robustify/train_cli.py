@@ -1,0 +1,208 @@
+"""``robustify train``: insert Sparta or swap activations, train adversarially, save the defense.
+
+Also extends ``robustify inspect`` with ``--defense`` so that it shows the Sparta or
+activation-swap plan instead of the MeanSparse one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+from .cli import COMMANDS, add_data_args, add_model_args, load_model_from_args, register_command
+from .config import parse_eps
+
+logger = logging.getLogger("robustify")
+
+__all__: list[str] = []
+
+_DEFENSES = ("sparta", "sparta-nodp", "pssilu", "psilu", "psoftplus", "silu", "softplus", "gelu", "elu")
+
+
+def _add_defense_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement (Sparta)")
+    g.add_argument("--sparta-preset", default="paper", choices=["paper", "blocks", "all"],
+                   help="paper: last activation of each residual group (ResNet-18 G1-G4.B2); blocks: of every "
+                        "block; all: every conv-map activation")
+    g.add_argument("--site", action="append", default=None, dest="sites",
+                   help="explicit site name (repeatable; overrides the preset and globs)")
+    g.add_argument("--neighborhood", type=int, default=1, help="Sparta N: N x N positions share one score")
+    g.add_argument("--hidden-ratio", type=float, default=1.0, help="width of Conv1/2/3 relative to C (paper: 1)")
+    g.add_argument("--init", choices=["paper", "identity"], default=None,
+                   help="Sparta init (default: identity with a frozen backbone, paper when training jointly)")
+    g.add_argument("--init-logit", type=float, default=3.0, help="starting logit of --init identity")
+    a = p.add_argument_group("placement (activation swaps)")
+    a.add_argument("--replace", action="append", default=None,
+                   help="activation class to swap (repeatable; default ReLU)")
+    a.add_argument("--per-site", action="store_true", help="one parameter set per site (default: shared, as PAF)")
+    p.add_argument("--include", action="append", default=None, help="glob of site names to use (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="glob of site names to skip (repeatable)")
+
+
+def _defense_options(args: argparse.Namespace, frozen: bool) -> dict[str, Any]:
+    common = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude)}
+    if args.defense.startswith("sparta"):
+        return {
+            **common,
+            "preset": args.sparta_preset,
+            "sites": tuple(args.sites or ()),
+            "neighborhood": args.neighborhood,
+            "hidden_ratio": args.hidden_ratio,
+            "init": args.init or ("identity" if frozen else "paper"),
+            "init_logit": args.init_logit,
+        }
+    return {**common, "replace": tuple(args.replace or ("ReLU",)), "shared": not args.per_site}
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defense", required=True, choices=_DEFENSES, help="what to insert or swap in")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--n-train", type=int, default=None, help="train on the first N training examples only")
+    p.add_argument("--out", required=True, help="defense file to write (.safetensors, + .json sidecar)")
+    p.add_argument("--checkpoint", default=None, help="per-epoch checkpoint (default: OUT.ckpt)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from an existing checkpoint (default: yes)")
+    p.add_argument("--transfer", default=None,
+                   help="pretrained Sparta file to insert frozen (training then updates the backbone only)")
+    _add_defense_args(p)
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--schedule", choices=["step", "cosine", "constant"], default="step")
+    t.add_argument("--milestones", type=int, nargs="*", default=[30, 60], help="epochs where lr is multiplied by gamma")
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--eps", default="8/255", help="L-inf radius of the training attack")
+    t.add_argument("--attack-steps", type=int, default=10, help="PGD steps (1 with --step-size 1.25*eps = FGSM-RS)")
+    t.add_argument("--step-size", default="2/255")
+    t.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--targeted", action="store_true", help="attack towards random wrong classes (the Sparta paper)")
+    t.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None,
+                   help="train only the inserted parameters (default: yes, except for fixed activations "
+                        "such as silu, which have none, and with --transfer)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--beta-l1", type=float, default=0.0, help="PSSiLU |beta| penalty (PAF_AT: 10)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    t.add_argument("--eval-n", type=int, default=0, help="afterwards, clean and PGD-10 accuracy on the first N test images")
+
+
+def _frozen_default(args: argparse.Namespace) -> bool:
+    if args.freeze_backbone is not None:
+        return bool(args.freeze_backbone)
+    if args.transfer:
+        return False
+    return args.defense.startswith("sparta") or args.defense in ("pssilu", "psilu", "psoftplus")
+
+
+@register_command("train", "insert Sparta or swap activations, train adversarially, save the defense", _train_args)
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_data, to_tensors
+    from .sparta import load_sparta
+    from .train import TrainConfig, apply_defense, defense_config, evaluate_pgd, save_defense, train_defense
+
+    frozen = _frozen_default(args)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
+        eps=parse_eps(args.eps), attack_steps=args.attack_steps, step_size=parse_eps(args.step_size),
+        random_start=args.random_start, targeted=args.targeted, freeze_backbone=frozen, augment=args.augment,
+        beta_l1=args.beta_l1, seed=args.seed,
+    )
+    model, info = load_model_from_args(args)
+    example = info.example_input(device=args.device)
+    import torch
+
+    torch.manual_seed(args.seed)  # the inserted modules' initial weights
+    if args.transfer:
+        if not args.defense.startswith("sparta"):
+            raise ValueError("--transfer loads a pretrained Sparta: use it with --defense sparta or sparta-nodp")
+        from .sparta import SpartaConfig
+        from .sparta import read_sidecar
+
+        model = load_sparta(model, args.transfer, example, mapping="auto", freeze=True)
+        defense = SpartaConfig.from_dict(read_sidecar(args.transfer)["config"])
+    else:
+        defense = defense_config(args.defense, **_defense_options(args, frozen))
+        model = apply_defense(model, example, defense)
+    n = args.n_train
+    x, y = to_tensors(load_data(args.data, "train", n=n, holdout=args.holdout, cache_dir=args.cache_dir))
+    result = train_defense(model, x.to(args.device), y.to(args.device), config,
+                           checkpoint=args.checkpoint or f"{args.out}.ckpt", resume=args.resume, progress=args.progress)
+    training = {**config.to_dict(), "data": args.data, "n_train": len(x), "holdout": args.holdout,
+                "history": result.history, "transfer": args.transfer}
+    save_defense(model, args.out, defense, model_info=info.to_dict(), training=training, backbone=not frozen)
+    last = result.history[-1] if result.history else {}
+    summary: dict[str, Any] = {"defense": args.defense, "out": args.out, "epochs": result.epochs,
+                               "adv_loss": last.get("loss"), "adv_acc": last.get("adv_acc")}
+    if args.eval_n:
+        xt, yt = to_tensors(load_data(args.data, "test", n=args.eval_n, cache_dir=args.cache_dir))
+        summary.update(evaluate_pgd(model, xt.to(args.device), yt.to(args.device), eps=config.eps, steps=10))
+    print(json.dumps(summary))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# robustify inspect --defense sparta|pssilu|...
+# ------------------------------------------------------------------------------------------
+def _extend_inspect() -> None:
+    if "inspect" not in COMMANDS:
+        return
+    help_text, add_arguments, run = COMMANDS["inspect"]
+    if getattr(run, "_robustify_defense_aware", False):
+        return
+
+    def add(p: argparse.ArgumentParser) -> None:
+        add_arguments(p)
+        if any("--defense" in a.option_strings for a in p._actions):
+            return
+        p.add_argument("--defense", default="meansparse", choices=("meansparse", *_DEFENSES),
+                       help="show the plan of this defense (Sparta placement or activation swap)")
+        for action in ("--sparta-preset", "--site", "--neighborhood", "--replace"):
+            if any(action in a.option_strings for a in p._actions):
+                return
+        g = p.add_argument_group("Sparta / activation-swap placement")
+        g.add_argument("--sparta-preset", default="paper", choices=["paper", "blocks", "all"])
+        g.add_argument("--site", action="append", default=None, dest="sites")
+        g.add_argument("--replace", action="append", default=None)
+
+    def inspect(args: argparse.Namespace) -> int:
+        defense = getattr(args, "defense", "meansparse")
+        if defense == "meansparse":
+            return run(args)
+        return _inspect_defense(args)
+
+    inspect._robustify_defense_aware = True  # type: ignore[attr-defined]
+    COMMANDS["inspect"] = (help_text, add, inspect)
+
+
+def _inspect_defense(args: argparse.Namespace) -> int:
+    from .activations import plan_swap
+    from .sparta import plan_sparta
+    from .train import defense_config
+
+    model, info = load_model_from_args(args)
+    example = info.example_input(device=args.device)
+    common = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude)}
+    if args.defense.startswith("sparta"):
+        config = defense_config(args.defense, preset=args.sparta_preset, sites=tuple(args.sites or ()), **common)
+        _, sites = plan_sparta(model, example, config)  # type: ignore[arg-type]
+    else:
+        config = defense_config(args.defense, replace=tuple(args.replace or ("ReLU",)), **common)
+        _, sites = plan_swap(model, example, config)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps({"model": info.to_dict(), "defense": args.defense, "sites": [s.to_dict() for s in sites]},
+                         indent=2))
+    else:
+        print(f"{args.defense}: {len(sites)} site(s) in {info.spec}:")
+        for s in sites:
+            print(f"  {s.name:40s} {s.activation:10s} dim={s.channel_dim:<3d} C={s.channels}")
+    return 0
+
+
+_extend_inspect()
