@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,8 +51,9 @@ def sidecar_path(path: str | Path) -> Path:
 def content_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the tensors (names, dtypes, shapes and bytes), in key order.
 
-    Stored in both the safetensors metadata and the sidecar, so that a pair of files from
-    two different runs (a write interrupted between the two files) is detected on load.
+    Stored in the sidecar and checked against the tensors file on load, so that a pair of
+    files from two different runs (a write interrupted between the two files) or damaged
+    tensors are detected.
     """
     digest = hashlib.sha256()
     for key in sorted(tensors):
@@ -73,9 +73,9 @@ def save_calibration(
 ) -> Path:
     """Write the calibrated MeanSparse state of ``model`` to ``path`` (+ JSON sidecar).
 
-    Both files are written atomically (the tensors first, then the sidecar); they carry the same
-    content digest, so a pair left inconsistent by a crash between the two writes is refused on
-    load instead of being silently mixed.
+    Both files are written atomically (the tensors first, then the sidecar, which records the
+    tensors' content digest), so a pair left inconsistent by a crash between the two writes is
+    refused on load instead of being silently mixed. The same state gives byte-identical files.
     """
     modules = meansparse_modules(model)
     if not modules:
@@ -110,7 +110,8 @@ def save_calibration(
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "content_sha256": digest})
+        # one metadata key only: safetensors writes its metadata map in no fixed order
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
     write_json(sidecar_path(path), sidecar)
     logger.info("saved %d MeanSparse site(s) to %s", len(modules), path)
     return path
@@ -146,13 +147,10 @@ def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     _check_sidecar(meta, side)
     try:
         tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            file_meta = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StateMismatchError(f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {first}") from exc
-    digest = content_digest(tensors)
-    if meta.get("content_sha256") not in (None, digest) or file_meta.get("content_sha256") not in (None, digest):
+    if meta.get("content_sha256") not in (None, content_digest(tensors)):
         raise StateMismatchError(
             f"{str(path)!r} and its sidecar {side.name!r} do not belong together or the tensors are damaged "
             "(content digest mismatch; was a write interrupted?): calibrate again"
