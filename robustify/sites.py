@@ -333,6 +333,10 @@ def plan_sites(model: nn.Module, example: torch.Tensor, channel_dim: int | None 
                 "call sites needs torch.fx, which could not trace this model (see the warning above)"
             )
         cdim = _channel_dim(obs) if channel_dim is None else channel_dim
+        if not -len(obs.shape) <= cdim < len(obs.shape):
+            raise ValueError(
+                f"channel_dim {cdim} is out of range for site {name!r}, whose input has shape {obs.shape}"
+            )
         owners = _owner_classes(model, name)
         sites.append(
             Site(

@@ -134,6 +134,8 @@ def test_channel_axis_is_last_for_tokens_and_channels_last() -> None:
     assert [(s.channel_dim, s.channels, s.input_shape) for s in sites] == [(-1, 24, (2, 7, 24))]
     forced = plan_sites(Tokens().eval(), torch.randn(2, 24, 6), channel_dim=1)
     assert forced[0].channel_dim == 1 and forced[0].channels == 24
+    with pytest.raises(ValueError, match=r"channel_dim 3 is out of range for site 'act', whose input has shape \(2, 7, 24\)"):
+        plan_sites(Tokens().eval(), torch.randn(2, 7, 6), channel_dim=3)
 
 
 def test_aa_resnet18_has_17_functional_relu_sites(aa_model) -> None:
