@@ -3,6 +3,12 @@
 All sites are calibrated at once, on the activations of the unmodified model (every
 MeanSparse module returns its input while calibrating), with exact merged moments, so the
 result does not depend on batch size or order. No gradients are computed.
+
+* Out of memory: a batch that fails is undone and split in halves (the smaller size is kept
+  for the following batches and logged); exact moments make the result independent of it.
+* Distributed (``torchrun``): each rank passes its own shard of the data (see
+  :func:`robustify.distributed.shard`), and the per-rank moments (count, mean, M2) are
+  gathered and merged in rank order before the statistics are set, on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
+from .memory import split_on_oom
 from .meansparse import MeanSparse, meansparse_modules
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,23 @@ def _inputs(batch: Any) -> torch.Tensor:
     raise TypeError(f"calibration batches must be tensors or (x, y) pairs, got {type(batch).__name__}")
 
 
+def _undoable_forward(model: nn.Module, modules: list[MeanSparse]) -> Any:
+    """A forward pass that restores every module's statistics if it raises (e.g. OOM halfway)."""
+
+    def step(x: torch.Tensor) -> int:
+        saved = [(m.moments.snapshot(), len(m._official)) for m in modules]
+        try:
+            model(x)
+        except BaseException:
+            for m, (moments, n_official) in zip(modules, saved):
+                m.moments = moments
+                del m._official[n_official:]
+            raise
+        return int(x.shape[0])
+
+    return step
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -56,30 +81,41 @@ def calibrate(
     device: torch.device | str | None = None,
     progress: bool = True,
     total: int | None = None,
+    sync: bool | None = None,
 ) -> dict[str, int]:
     """One no-grad pass over ``batches``; sets every MeanSparse site's mean and variance.
 
     Args:
         model: a model with inserted MeanSparse modules.
-        batches: an iterable of input tensors or ``(x, y)`` pairs (e.g. a DataLoader).
+        batches: an iterable of input tensors or ``(x, y)`` pairs (e.g. a DataLoader). Under
+            ``torchrun``, each rank passes its own shard.
         device: where to run the forward passes (default: the model's device).
         progress: show a progress bar.
         total: number of batches, for the progress bar when ``batches`` has no length.
+        sync: merge the moments of all ranks of the default process group before setting
+            the statistics (default: when ``torch.distributed`` is initialised with more
+            than one rank).
 
     Returns:
-        the number of values each site's statistics were computed from, by site.
+        the number of values each site's statistics were computed from, by site (over all
+        ranks when synchronised).
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if sync is None:
+        sync = distributed.world_size() > 1
     was_training = model.training
     model.eval()
     n_images = 0
+    oom_state: dict[str, int] = {}
     try:
         with calibrating(model) as modules, torch.no_grad():
+            step = _undoable_forward(model, modules)
             for batch in tqdm(batches, desc="calibrate", unit="batch", total=total, disable=not progress):
                 x = _inputs(batch).to(device, non_blocking=True)
-                model(x)
-                n_images += x.shape[0]
+                n_images += sum(split_on_oom(step, x, what="calibration", state=oom_state))
+            if sync:
+                n_images = distributed.merge_moments(modules, n_images)
             if n_images == 0:
                 raise ValueError("calibration data is empty")
             for m in modules:

@@ -10,12 +10,25 @@ Modes are plain Python attributes toggled by context managers and never saved:
 * ``straight_through`` (BPDA): same forward, identity backward, as RobustBench's external
   evaluation of the published MeanSparse models; use :func:`bpda`.
 * ``enabled``: when False the module is the identity, used to run the base model.
+
+Speed (eager). ``torch.where`` and comparison ops are slow on CPUs, and every full-size
+temporary of a large activation is a fresh allocation (page faults). The eager forward
+therefore never materialises ``x - mean`` or a mask: it precomputes, per dtype, *exact*
+bounds ``lo < x < hi`` that select the same elements as ``|x - mean| < crop`` evaluated in
+that dtype (found by stepping ``nextafter`` until the rounding of ``x - mean`` agrees, so
+the result is bit-identical to the published formula, NaN and infinities included), then
+selects ``mean`` or ``x`` with sign-bit arithmetic on cache-sized chunks written straight
+into the output. The only allocation per call is the output (plus a bool mask when a
+gradient through the mask is needed). Under ``torch.compile`` the plain ``torch.where``
+formula is used instead, which inductor fuses with the following activation (see
+:mod:`robustify.fast`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -51,11 +64,179 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _sparsify(x: torch.Tensor, mean: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
-    # The mask carries no gradient: compute it on detached data with in-place ops so the
-    # only full-size allocations are one difference tensor, one bool mask and the output.
-    diff = x.detach() - mean
-    mask = diff.abs_() < crop
-    return torch.where(mask, mean, x)
+    """The reference formula ``where(|x - mean| < crop, mean, x)`` (used when compiling/tracing)."""
+    return torch.where((x - mean).abs() < crop, mean, x)
+
+
+# ---------------------------------------------------------------------------------------
+# Eager fast path: exact bounds + sign-bit select on cache-sized chunks.
+# ---------------------------------------------------------------------------------------
+#: bytes of one operand chunk processed at a time by the eager fast path.
+CHUNK_BYTES = 1 << 20
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_workspaces = threading.local()
+
+
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A per-thread, per-device reusable byte buffer of at least ``nbytes`` (grown on demand)."""
+    cache: dict[torch.device, torch.Tensor] = getattr(_workspaces, "buffers", None) or {}
+    _workspaces.buffers = cache
+    buf = cache.get(device)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        cache[device] = buf
+    return buf
+
+
+def _key(t: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 key of each float (``a < b`` iff ``key(a) < key(b)``, -0 just below +0)."""
+    bits = t.view(_INT_VIEW[t.dtype]).to(torch.int64)
+    sign_flip = (1 << (8 * t.element_size() - 1)) - 1
+    return torch.where(bits < 0, bits ^ sign_flip, bits)
+
+
+def _from_key(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bits = torch.where(key < 0, key ^ ((1 << (8 * torch.empty((), dtype=dtype).element_size() - 1)) - 1), key)
+    return bits.to(_INT_VIEW[dtype]).view(dtype)
+
+
+def _rounded(value: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """``value`` (float64) rounded to ``dtype`` towards +inf (``up``) or -inf."""
+    r = value.to(dtype)
+    direction = torch.full_like(r, math.inf if up else -math.inf)
+    wrong = (r.double() < value) if up else (r.double() > value)
+    return torch.where(wrong, torch.nextafter(r, direction), r)
+
+
+def _bisect(below: torch.Tensor, above: torch.Tensor, inside: Any) -> torch.Tensor:
+    """Smallest float in ``(below, above]`` where the monotone predicate ``inside`` holds.
+
+    Requires ``inside(above)`` and not ``inside(below)``; a fixed number of steps (no sync).
+    """
+    dtype = below.dtype
+    lo, hi = _key(below), _key(above)
+    for _ in range(8 * below.element_size() + 2):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        ok = inside(_from_key(mid, dtype))
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    return _from_key(hi, dtype)
+
+
+def exact_bounds(mean: torch.Tensor, crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Bounds with ``(lo < x <= top) == (|x - mean| < crop)`` for every ``x`` of ``mean.dtype``.
+
+    ``fl(x - mean)`` is monotone in ``x``, so the selected values form an interval of floats
+    whose ends are found by stepping ``nextafter``: ``top`` is the largest selected value
+    (``top == lo`` when nothing is selected, e.g. ``crop == 0``). Zeros are normalised to +0
+    so that the sign bits of ``lo - x`` and ``top - x`` encode ``x > lo`` and ``x > top``.
+    Returns ``None`` when no finite bounds exist (overflowing thresholds): use the formula.
+    """
+    if mean.dtype not in _INT_VIEW or mean.dtype == torch.float64:
+        return None
+    exact_hi, exact_lo = mean.double() + crop.double(), mean.double() - crop.double()
+    # every x >= mean + crop (exactly) has fl(x - mean) >= crop, and x = mean has fl(0) = 0:
+    # hi = smallest x with fl(x - mean) >= crop lies in (mean, up]; with crop == 0 it is mean.
+    up = _rounded(exact_hi, mean.dtype, up=True)
+    down = _rounded(exact_lo, mean.dtype, up=False)
+    if not bool(torch.isfinite(up).all() and torch.isfinite(down).all()):
+        return None
+    hi = _bisect(mean, up, lambda v: (v - mean) >= crop)
+    hi = torch.where(crop == 0, mean, hi)
+    # lo = largest x with fl(x - mean) <= -crop: one float below the smallest x with fl(x - mean) > -crop
+    first_above = _bisect(down, mean, lambda v: (v - mean) > -crop)
+    lo = torch.where(crop == 0, mean, torch.nextafter(first_above, torch.full_like(mean, -math.inf)))
+    top = torch.maximum(torch.nextafter(hi, torch.full_like(hi, -math.inf)), lo)
+    return lo + 0.0, top + 0.0  # -0 -> +0
+
+
+def _select_chunks(
+    x2: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mu: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """``out = mu where lo < x <= hi else x`` for ``x2`` of shape ``(N, R)``, bounds of shape ``(R,)``.
+
+    The sign bit of ``lo - x`` is set iff ``x > lo`` and that of ``hi - x`` iff ``x > hi``
+    (exact in IEEE arithmetic: a non-zero difference never rounds to zero and keeps its
+    sign, and :func:`exact_bounds` normalises -0 away). As ``lo <= hi``, their XOR is set iff
+    ``lo < x <= hi``; a NaN ``x`` gives two equal signs and is never selected. Shifted
+    arithmetically it is an all-ones integer mask, and the select is ``x ^ ((x ^ mu) & mask)``
+    on the bit patterns. ``keep`` (int8, like ``x2``) optionally receives the complement
+    mask for the backward pass.
+    """
+    n, r = x2.shape
+    itype = _INT_VIEW[x2.dtype]
+    esize = x2.element_size()
+    rows = max(1, min(n, CHUNK_BYTES // max(1, r * esize)))
+    buf = _workspace(2 * rows * r * esize, x2.device)
+    a = buf[: rows * r * esize].view(x2.dtype).view(rows, r)
+    b = buf[rows * r * esize : 2 * rows * r * esize].view(x2.dtype).view(rows, r)
+    out = torch.empty_like(x2)
+    xi, oi, mui = x2.view(itype), out.view(itype), mu.view(itype)
+    shift = 8 * esize - 1
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        k = stop - start
+        ak, bk = a[:k], b[:k]
+        torch.sub(lo, x2[start:stop], out=ak)
+        torch.sub(hi, x2[start:stop], out=bk)
+        ai, bi = ak.view(itype), bk.view(itype)
+        ai.bitwise_xor_(bi).bitwise_right_shift_(shift)  # -1 inside the band, 0 outside
+        torch.bitwise_xor(xi[start:stop], mui, out=bi)
+        bi.bitwise_and_(ai)
+        torch.bitwise_xor(bi, xi[start:stop], out=oi[start:stop])
+        if keep is not None:  # int8 -1 where the gradient passes (outside the band), 0 inside
+            keep[start:stop].copy_(ai.bitwise_not_())
+    return out
+
+
+class _Prepared:
+    """Per-(dtype, device, sample shape) flattened bounds of one module."""
+
+    __slots__ = ("lo", "hi", "mu", "mean", "crop")
+
+    def __init__(self, lo: torch.Tensor | None, hi: torch.Tensor | None, mu: torch.Tensor | None,
+                 mean: torch.Tensor, crop: torch.Tensor) -> None:
+        self.lo, self.hi, self.mu, self.mean, self.crop = lo, hi, mu, mean, crop
+
+
+class _FastMasked(torch.autograd.Function):
+    """Fast forward; backward is that of ``torch.where``: zero gradient inside the band.
+
+    Saves an int8 mask (-1 outside the band, 0 inside); the backward is one bitwise AND of
+    the gradient's bits with it, which is exactly ``where(inside, 0, grad)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, prep: _Prepared) -> torch.Tensor:  # type: ignore[override]
+        x2 = x.view(x.shape[0], -1)
+        keep = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        out = _select_chunks(x2, prep.lo, prep.hi, prep.mu, keep)
+        ctx.save_for_backward(keep)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        itype = _INT_VIEW[grad_output.dtype]
+        grad = grad_output.contiguous().view(itype)
+        return torch.bitwise_and(grad, keep.view(grad.shape)).view(grad_output.dtype), None
+
+
+class _FastStraightThrough(torch.autograd.Function):
+    """Fast forward, identity backward (BPDA)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, prep: _Prepared) -> torch.Tensor:  # type: ignore[override]
+        return _select_chunks(x.view(x.shape[0], -1), prep.lo, prep.hi, prep.mu, None).view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad_output, None
+
+
+def _is_tracing(x: Any) -> bool:
+    return bool(
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+    )
 
 
 class MeanSparse(nn.Module):
@@ -100,6 +281,7 @@ class MeanSparse(nn.Module):
         self.enabled = True
         self.moments = RunningMoments()
         self._official: list[torch.Tensor] = []
+        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
         self._alpha = 0.0
         self.alpha = alpha
 
@@ -119,6 +301,32 @@ class MeanSparse(nn.Module):
     def _refresh_crop(self) -> None:
         with torch.no_grad():
             self.crop.copy_(self.var.clamp_min(0).sqrt() * self._alpha)
+        self._prepared = {}
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MeanSparse":  # type: ignore[override]
+        self._prepared = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _prepare(self, x: torch.Tensor) -> _Prepared:
+        """Bounds for inputs like ``x`` (cached; computed once per dtype, device and sample shape)."""
+        key = (x.dtype, x.device, tuple(x.shape[1:]))
+        prep = self._prepared.get(key)
+        if prep is None:
+            with torch.no_grad():
+                shape = self._broadcast_shape(x.dim())
+                mean = self.mean.to(x.dtype).view(shape)
+                crop = self.crop.to(x.dtype).view(shape)
+                bounds = exact_bounds(mean, crop)
+                if bounds is None or x.dim() < 2 or self.channel_dim % x.dim() == 0:
+                    prep = _Prepared(None, None, None, mean, crop)
+                else:
+                    full = tuple(x.shape[1:])
+                    lo, hi, mu = (t.expand(full).contiguous().view(-1) for t in (*bounds, mean))
+                    prep = _Prepared(lo, hi, mu, mean, crop)
+            if len(self._prepared) >= 8:
+                self._prepared.clear()
+            self._prepared[key] = prep
+        return prep
 
     def _broadcast_shape(self, ndim: int) -> tuple[int, ...]:
         if self.channel_dim in (-1, ndim - 1):
@@ -192,13 +400,24 @@ class MeanSparse(nn.Module):
                 f"MeanSparse site {self.site!r} has no statistics: run robustify.calibrate(...) "
                 "or load a calibration file before using the model"
             )
-        shape = self._broadcast_shape(x.dim())
-        mean, crop = self.mean.view(shape), self.crop.view(shape)
-        if mean.dtype != x.dtype:
-            mean, crop = mean.to(x.dtype), crop.to(x.dtype)
+        if self._alpha == 0.0:
+            return x  # strict "<": a zero threshold selects nothing, exactly the identity
+        if _is_tracing(x):
+            shape = self._broadcast_shape(x.dim())
+            mean, crop = self.mean.view(shape).to(x.dtype), self.crop.view(shape).to(x.dtype)
+            if self.straight_through:
+                return _StraightThrough.apply(x, mean, crop)
+            return _sparsify(x, mean, crop)
+        prep = self._prepare(x)
+        if prep.lo is None or not x.is_contiguous() or x.numel() == 0:
+            if self.straight_through:
+                return _StraightThrough.apply(x, prep.mean, prep.crop)
+            return _sparsify(x, prep.mean, prep.crop)
         if self.straight_through:
-            return _StraightThrough.apply(x, mean, crop)
-        return _sparsify(x, mean, crop)
+            return _FastStraightThrough.apply(x, prep)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FastMasked.apply(x, prep)
+        return _select_chunks(x.view(x.shape[0], -1), prep.lo, prep.hi, prep.mu, None).view(x.shape)
 
     def extra_repr(self) -> str:
         return (
