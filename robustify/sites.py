@@ -78,7 +78,9 @@ _METHODS: dict[str, tuple[str, Callable[..., nn.Module]]] = {
     "relu_": ("relu", lambda: nn.ReLU()),
 }
 
-_SE_CLASS = re.compile(r"(^SE($|[A-Z_])|SqueezeExc|SEModule|SEBlock|SELayer|EffectiveSE)")
+# Squeeze-and-excitation *modules* (not the residual blocks or networks that contain one, such
+# as timm's SEResNetBlock or SENet, whose other activations are ordinary sites).
+_SE_CLASS = re.compile(r"^(SE|SEModule|SELayer|SEBlock|EffectiveSEModule|SqueezeExcit\w*|SqueezeAndExcit\w*)$")
 _LAST_DIM_PRODUCERS = (nn.Linear, nn.LayerNorm)
 
 
@@ -376,7 +378,7 @@ def select_sites(
             continue
         if any(fnmatch.fnmatchcase(site.name, p) for p in exclude):
             continue
-        if skip_se and any(_SE_CLASS.search(c) for c in _owner_classes(model, site.name)):
+        if skip_se and any(_SE_CLASS.match(c) for c in _owner_classes(model, site.name)):
             continue
         selected.append(site)
     return selected

@@ -168,13 +168,15 @@ def test_select_sites_patterns_and_presets() -> None:
         select_sites(model, sites, preset="every")
 
 
-def test_skip_se_drops_squeeze_excitation_sites() -> None:
-    model, _ = load_model("timm:seresnet18", pretrained=False)
+@pytest.mark.parametrize("spec,total,n_se", [("timm:seresnet18", 25, 8), ("timm:legacy_seresnet18", 33, 8)])
+def test_skip_se_drops_squeeze_excitation_sites(spec: str, total: int, n_se: int) -> None:
+    """Only the SE modules' own activations go; not those of the blocks (SEResNetBlock) or the net (SENet)."""
+    model, _ = load_model(spec, pretrained=False)
     x = torch.rand(1, 3, 64, 64)
     gm = modularize(model)
     everything = plan_sites(gm, x)
-    se = [s.name for s in everything if ".se." in s.name]
-    assert len(everything) == 25 and len(se) == 8
+    se = [s.name for s in everything if {"se", "se_module"} & set(s.name.split("."))]
+    assert len(everything) == total and len(se) == n_se
     kept = select_sites(gm, everything, skip_se=True)
     assert [s.name for s in kept] == [s.name for s in everything if s.name not in se]
     assert select_sites(gm, everything, skip_se=False) == everything
