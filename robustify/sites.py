@@ -282,12 +282,35 @@ def probe(model: nn.Module, example: torch.Tensor) -> dict[str, _Observation]:
     return observations
 
 
+def _producer_width(module: nn.Module | None) -> int | None:
+    """The number of output features/channels of the module that produced a site's input."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        return int(getattr(module, "num_features", 0) or getattr(module, "num_channels", 0)) or None
+    return None
+
+
 def _channel_dim(obs: _Observation) -> int:
+    """Dim 1 for NCHW maps, the last dim for tokens and channels-last tensors.
+
+    The producer decides: ``Linear``/``LayerNorm`` write their features last, convolutions and
+    batch norms write channels on dim 1; when the input was permuted in between (e.g. a conv
+    followed by ``permute(0, 2, 3, 1)``), the axis whose size is the producer's width wins.
+    """
     if len(obs.shape) <= 2:
         return 1
-    if isinstance(obs.producer, _LAST_DIM_PRODUCERS):
+    last_first = isinstance(obs.producer, _LAST_DIM_PRODUCERS)
+    width = _producer_width(obs.producer)
+    if width is not None and obs.shape[-1] == width and obs.shape[1] != width:
         return -1
-    return 1
+    if width is not None and obs.shape[1] == width and obs.shape[-1] != width:
+        return 1
+    return -1 if last_first else 1
 
 
 def _owner_classes(model: nn.Module, name: str) -> list[str]:

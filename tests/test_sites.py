@@ -134,6 +134,24 @@ def test_channel_axis_is_last_for_tokens_and_channels_last() -> None:
     assert [(s.channel_dim, s.channels, s.input_shape) for s in sites] == [(-1, 24, (2, 7, 24))]
     forced = plan_sites(Tokens().eval(), torch.randn(2, 24, 6), channel_dim=1)
     assert forced[0].channel_dim == 1 and forced[0].channels == 24
+    class PermutedConv(nn.Module):  # conv, then channels-last without a Linear in between
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 10, 1), nn.GELU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.conv(x).permute(0, 2, 3, 1))
+
+    class Transposed(nn.Module):  # Linear, then back to (N, C, L)
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 9), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.fc(x).transpose(1, 2))
+
+    assert [(s.channel_dim, s.channels) for s in plan_sites(PermutedConv(), torch.rand(2, 3, 5, 6))] == [(-1, 10)]
+    assert [(s.channel_dim, s.channels) for s in plan_sites(Transposed(), torch.rand(2, 7, 4))] == [(1, 9)]
     with pytest.raises(ValueError, match=r"channel_dim 3 is out of range for site 'act', whose input has shape \(2, 7, 24\)"):
         plan_sites(Tokens().eval(), torch.randn(2, 7, 6), channel_dim=3)
 
