@@ -143,19 +143,23 @@ def load_data(
     holdout: int = 0,
     cache_dir: str | Path | None = None,
     num_classes: int | None = None,
+    channels: int | None = None,
 ) -> Dataset:
     """Load a split of a dataset (see the module doc); ``n`` keeps the first ``n`` examples.
 
     ``.npz`` contents are checked on load (shape, dtype, values in [0, 1], finite, integer
-    labels, and labels below ``num_classes`` when given). Every problem raises a one-line
-    :class:`DataError`.
+    labels, and labels below ``num_classes`` and images with ``channels`` channels when
+    given: pass the model's ``ModelInfo.num_classes`` and ``input_size[0]``). Every problem
+    raises a one-line :class:`DataError`.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if spec.endswith(".npz"):
         dataset: Dataset = _npz(Path(spec), split)
-        labels = dataset.tensors[1]  # type: ignore[attr-defined]
+        images, labels = dataset.tensors  # type: ignore[attr-defined]
+        if channels is not None and images.shape[1] != channels:
+            raise DataError(f"{spec!r} has {images.shape[1]}-channel images, the model expects {channels} channels")
         if num_classes is not None and labels.numel() and int(labels.max()) >= num_classes:
             raise DataError(
                 f"{spec!r} has labels up to {int(labels.max())}, but the model has {num_classes} classes"

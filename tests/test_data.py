@@ -88,6 +88,13 @@ def test_labels_beyond_the_model_classes(tmp_path: Path) -> None:
         load_data(str(path), "test", num_classes=10)
 
 
+def test_channel_count_for_the_model(tmp_path: Path) -> None:
+    path = _write_npz(tmp_path / "gray.npz", x_test=np.zeros((3, 1, 4, 4), np.uint8), y_test=np.arange(3))
+    assert len(load_data(str(path), "test", channels=1)) == 3
+    with pytest.raises(DataError, match="has 1-channel images, the model expects 3 channels"):
+        load_data(str(path), "test", channels=3)
+
+
 def test_empty_dataset_and_too_many_examples(tmp_path: Path) -> None:
     path = str(_write_npz(tmp_path / "e.npz", x_test=np.zeros((0, 3, 4, 4), np.uint8), y_test=np.zeros(0, np.int64)))
     with pytest.raises(DataError, match="the test split of .* is empty"):
