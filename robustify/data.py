@@ -92,7 +92,7 @@ def _npz(path: Path, split: str) -> TensorDataset:
         raise DataError(f"cannot read {str(path)!r} (truncated or not an .npz of plain arrays): {exc}") from exc
     if x.ndim != 4:
         raise DataError(f"{str(path)!r}: x_{part} must be 4-D (N, C, H, W), got shape {x.shape}")
-    if not (np.issubdtype(y.dtype, np.integer)):
+    if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{str(path)!r}: y_{part} must hold integer labels, got dtype {y.dtype}")
     if x.dtype == np.uint8:
         xt = torch.from_numpy(x).float().div_(255)

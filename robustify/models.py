@@ -132,12 +132,10 @@ def _load_weights(model: nn.Module, path: str | Path) -> None:
     state = load_state_dict_file(path)
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # size mismatches are raised, not reported
-        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        raise ModelLoadError(
-            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
-            + (f"{details[0]}" + (f" (and {len(details) - 1} more)" if len(details) > 1 else "") if details else str(exc))
-        ) from exc
+    except RuntimeError as exc:  # size mismatches are raised, one per line after a header
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {details[0]}{more}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "

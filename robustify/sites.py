@@ -290,8 +290,10 @@ def _producer_width(module: nn.Module | None) -> int | None:
         return int(module.normalized_shape[-1])
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-        return int(getattr(module, "num_features", 0) or getattr(module, "num_channels", 0)) or None
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     return None
 
 
