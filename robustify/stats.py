@@ -24,8 +24,8 @@ import torch
 
 __all__ = ["CHUNK_ELEMENTS", "RunningMoments", "batch_moments"]
 
-#: values converted to float64 at a time (512 KiB: fits in a CPU's L2 cache).
-CHUNK_ELEMENTS = 1 << 16
+#: values converted to float64 at a time (2 MiB: stays in a CPU's L2/L3 cache).
+CHUNK_ELEMENTS = 1 << 18
 
 
 def _as_groups(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
