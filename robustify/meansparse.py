@@ -309,7 +309,8 @@ class MeanSparse(nn.Module):
 
     def _prepare(self, x: torch.Tensor) -> _Prepared:
         """Bounds for inputs like ``x`` (cached; computed once per dtype, device and sample shape)."""
-        key = (x.dtype, x.device, tuple(x.shape[1:]))
+        # the buffers' version counters make in-place edits of mean/crop invalidate the cache
+        key = (x.dtype, x.device, tuple(x.shape[1:]), self.mean._version, self.crop._version)
         prep = self._prepared.get(key)
         if prep is None:
             with torch.no_grad():

@@ -187,3 +187,13 @@ def test_compiled_model_matches_eager(tiny_model) -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(compiled(x), eager)
+
+
+def test_in_place_edits_of_the_buffers_are_picked_up() -> None:
+    m = _module(4, 1, 8, alpha=0.5)
+    x = torch.randn(3, 4, 5, 5)
+    m(x)
+    with torch.no_grad():
+        m.mean.add_(0.3)
+        m.crop.mul_(2.0)
+    assert torch.equal(m(x), _reference(m, x))
