@@ -29,6 +29,15 @@ from robustify.train import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The nets here are tiny: one thread avoids thread-sync overhead (and is deterministic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Block(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -228,7 +237,7 @@ def test_evaluate_pgd_reports_clean_and_robust_accuracy() -> None:
 def npz(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8), y_train=rng.integers(0, 10, 6),
+    np.savez(path, x_train=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), y_train=rng.integers(0, 10, 4),
              x_test=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), y_test=rng.integers(0, 10, 4))
     return path
 
@@ -236,14 +245,14 @@ def npz(tmp_path) -> Path:
 def test_cli_train_writes_a_loadable_defense_and_resumes(tmp_path, npz, capsys) -> None:
     out = tmp_path / "pssilu.safetensors"
     argv = ["train", "--defense", "pssilu", "aa-resnet18", "--no-pretrained", "--data", str(npz), "--epochs", "1",
-            "--out", str(out), "--attack-steps", "1", "--step-size", "10/255", "--batch-size", "3", "--no-progress",
-            "--eval-n", "4"]
+            "--out", str(out), "--attack-steps", "1", "--step-size", "10/255", "--batch-size", "4", "--no-progress",
+            "--eval-n", "2"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs"] == 1 and 0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1
     meta = json.loads((tmp_path / "pssilu.safetensors.json").read_text())
     assert meta["kind"] == "activation" and meta["defense"] == "pssilu" and len(meta["sites"]) == 17
-    assert meta["training"]["freeze_backbone"] is True and meta["training"]["n_train"] == 6
+    assert meta["training"]["freeze_backbone"] is True and meta["training"]["n_train"] == 4
     assert meta["model"]["spec"] == "aa-resnet18" and (tmp_path / "pssilu.safetensors.ckpt").is_file()
     model, info = robustify.load_model("aa-resnet18", pretrained=False)
     loaded = load_defense(model, out, info.example_input())
