@@ -268,3 +268,23 @@ def test_cli_inspect_shows_the_sparta_plan(capsys) -> None:
     assert [s["name"] for s in plan["sites"]] == [f"layer{g}.1.relu_1" for g in range(1, 5)]
     assert main(["inspect", "aa-resnet18", "--no-pretrained", "--defense", "pssilu", "--include", "layer1.0*"]) == 0
     assert "2 site(s)" in capsys.readouterr().out
+
+
+def test_cli_transfer_trains_the_backbone_around_a_frozen_pretrained_sparta(tmp_path, npz, capsys) -> None:
+    common = ["aa-resnet18", "--no-pretrained", "--data", str(npz), "--epochs", "1", "--attack-steps", "1",
+              "--step-size", "10/255", "--batch-size", "4", "--no-progress", "--sparta-preset", "paper",
+              "--include", "layer4*"]
+    source = tmp_path / "sparta.safetensors"
+    assert main(["train", "--defense", "sparta-nodp", *common, "--out", str(source)]) == 0
+    target = tmp_path / "transferred.safetensors"
+    assert main(["train", "--defense", "sparta-nodp", *common, "--out", str(target), "--transfer", str(source)]) == 0
+    capsys.readouterr()
+    meta = json.loads((tmp_path / "transferred.safetensors.json").read_text())
+    assert meta["training"]["freeze_backbone"] is False and meta["backbone"]
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(source)), load_file(str(target))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # frozen
+    model, info = robustify.load_model("aa-resnet18", pretrained=False)
+    loaded = load_defense(model, target, info.example_input())
+    assert list(robustify.sparta.sparta_modules(loaded)) == ["layer4.1.relu_1"]
