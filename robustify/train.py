@@ -399,7 +399,8 @@ def _restore_state(model: nn.Module, state: dict[str, torch.Tensor], config: Tra
         model.load_state_dict(state)
         return
     params = dict(model.named_parameters())
-    if set(state) != {n for n, p in params.items() if id(p) in {id(q) for q in defense_parameters(model)}}:
+    ids = {id(q) for q in defense_parameters(model)}
+    if set(state) != {n for n, p in params.items() if id(p) in ids}:
         raise StateMismatchError("the checkpoint was written for other inserted modules than this model has")
     with torch.no_grad():
         for name, value in state.items():
