@@ -53,6 +53,8 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 def add_meansparse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.2, help="MeanSparse threshold in standard deviations")
+    p.add_argument("--site-alpha", default=None,
+                   help="per-site thresholds overriding --alpha, e.g. 'relu_0=0.1,layer4.1.relu_1=0.3'")
     p.add_argument("--include", action="append", default=None, help="glob of site names to use (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="glob of site names to skip (repeatable)")
     p.add_argument("--preset", default="all", help="placement preset: all, no-final")
@@ -72,10 +74,11 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def meansparse_config(args: argparse.Namespace) -> Any:
-    from .config import MeanSparseConfig
+    from .config import MeanSparseConfig, parse_site_alpha
 
     return MeanSparseConfig(
         alpha=args.alpha,
+        site_alpha=parse_site_alpha(args.site_alpha) if args.site_alpha else {},
         include=tuple(args.include or ("*",)),
         exclude=tuple(args.exclude),
         skip_se=args.skip_se,
@@ -99,10 +102,11 @@ def load_model_from_args(args: argparse.Namespace, spec: str | None = None) -> t
     )
 
 
-def calibration_loader(args: argparse.Namespace) -> Any:
+def calibration_loader(args: argparse.Namespace, info: Any) -> Any:
     from .data import load_data, loader
 
-    ds = load_data(args.data, "train", n=None, holdout=args.holdout, cache_dir=args.cache_dir)
+    ds = load_data(args.data, "train", n=None, holdout=args.holdout, cache_dir=args.cache_dir,
+                   num_classes=info.num_classes, channels=info.input_size[0])
     if args.n_calib is not None:
         from torch.utils.data import Subset
 
@@ -152,7 +156,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     config = meansparse_config(args)
     model, info = load_model_from_args(args)
     model = insert_meansparse(model, info.example_input(device=args.device), config)
-    counts = calibrate(model, calibration_loader(args), device=args.device)
+    counts = calibrate(model, calibration_loader(args, info), device=args.device)
     save_calibration(model, args.out, config=config, model_info=info.to_dict(),
                      extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib})
     logger.info("wrote %s (%d sites)", args.out, len(counts))
@@ -198,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("auto-attack").setLevel(logging.WARNING if args.verbose < 2 else logging.DEBUG)
     try:
+        from . import distributed
+
+        distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("robustify: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)

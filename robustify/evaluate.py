@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .attacks import BLACK_BOX, AttackConfig, build_attack, make_autoattack
 from .data import validate_batch
 from .io import write_json
@@ -105,25 +105,25 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 class Journal:
     """Append-only JSON-lines record of finished batches (or an in-memory one)."""
 
-    def __init__(self, directory: Path | None, header: dict[str, Any]) -> None:
+    def __init__(self, directory: Path | None, header: dict[str, Any], writer: bool = True) -> None:
         self.records: dict[tuple[str, int], dict[str, Any]] = {}
         self.path = directory / JOURNAL_FILE if directory is not None else None
         self._file = None
         if self.path is None:
             return
         if self.path.exists():
-            self._replay(header)
-        else:
+            self._replay(header, rewrite=writer)
+            if writer:
+                self._open()
+        elif writer:
             self._open()
             self.append({"kind": "header", **header})
-            return
-        self._open()
 
     def _open(self) -> None:
         assert self.path is not None
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
-    def _replay(self, header: dict[str, Any]) -> None:
+    def _replay(self, header: dict[str, Any], rewrite: bool = True) -> None:
         assert self.path is not None
         lines = self.path.read_text(encoding="utf-8").split("\n")
         complete = self.path.read_text(encoding="utf-8").endswith("\n")
@@ -149,7 +149,7 @@ class Journal:
             )
         for rec in parsed[1:]:
             self.records[(rec["attack"], rec["batch"])] = rec
-        if not complete:  # rewrite without the torn line so appends start on a fresh line
+        if not complete and rewrite:  # rewrite without the torn line so appends start on a fresh line
             self.path.write_text("".join(json.dumps(r) + "\n" for r in parsed), encoding="utf-8")
         logger.info("resuming from %s: %d finished batch(es)", self.path, len(self.records))
 
@@ -299,8 +299,9 @@ def evaluate(
         "data_fingerprint": _fingerprint(x, y),
     }
     model.eval()
-    with _locked(directory), _autoattack_warnings() as aa_warnings:
-        journal = Journal(directory, header)
+    main = distributed.is_main()
+    with _locked(directory if main else None), _autoattack_warnings() as aa_warnings:
+        journal = Journal(directory, header, writer=main)
         try:
             result = _run(model, x, y, config, journal, device, source_model, progress)
         finally:
@@ -308,10 +309,43 @@ def evaluate(
     result.meta = meta
     result.aa_checks = aa_warnings.messages
     result.flags = audit(result)
-    if directory is not None:
+    if directory is not None and main:
         write_json(directory / RESULT_FILE, result.to_dict())
         logger.info("wrote %s", directory / RESULT_FILE)
     return result
+
+
+def _run_phase(
+    name: str,
+    chunks: list[list[int]],
+    compute: Any,
+    journal: Journal,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Run (or replay) every batch of one phase; under torchrun, ranks share the batches.
+
+    Rank ``r`` of ``w`` runs batches ``k`` with ``k % w == r``; the new records are then
+    exchanged so every rank holds the whole phase, and rank 0 journals them. Each batch's
+    result does not depend on which rank ran it (attacks reseed per batch).
+    """
+    world, me = distributed.world_size(), distributed.rank()
+    fresh = []
+    mine = [k for k in range(len(chunks)) if k % world == me]
+    for k in tqdm(mine, desc=name, disable=not progress or not distributed.is_main()):
+        if journal.get(name, k, chunks[k]) is None:
+            rec = compute(k, chunks[k])
+            journal.append(rec)
+            fresh.append(rec)
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, fresh)
+        for r, recs in enumerate(everyone):
+            if r != me:
+                for rec in recs:
+                    journal.append(rec)
+    return [journal.get(name, k, idx) for k, idx in enumerate(chunks)]  # type: ignore[misc]
 
 
 def _run(
@@ -326,17 +360,16 @@ def _run(
 ) -> EvalResult:
     n = x.shape[0]
     seconds: dict[str, float] = {}
+
+    def clean_batch(k: int, idx: list[int]) -> dict[str, Any]:
+        start = time.perf_counter()
+        pred = _predict(model, x[idx].to(device)).cpu()
+        return {"attack": "clean", "batch": k, "idx": idx, "broken": (pred != y[idx]).long().tolist(),
+                "seconds": time.perf_counter() - start}
+
     correct = torch.zeros(n, dtype=torch.bool)
-    for k, idx in enumerate(tqdm(_chunks(list(range(n)), config.batch_size), desc="clean", disable=not progress)):
-        rec = journal.get("clean", k, idx)
-        if rec is None:
-            start = time.perf_counter()
-            pred = _predict(model, x[idx].to(device)).cpu()
-            ok = (pred == y[idx]).tolist()
-            rec = {"attack": "clean", "batch": k, "idx": idx, "broken": [int(not o) for o in ok],
-                   "seconds": time.perf_counter() - start}
-            journal.append(rec)
-        correct[idx] = torch.tensor([not b for b in rec["broken"]])
+    for rec in _run_phase("clean", _chunks(list(range(n)), config.batch_size), clean_batch, journal, progress):
+        correct[rec["idx"]] = ~torch.tensor(rec["broken"], dtype=torch.bool)
         seconds["clean"] = seconds.get("clean", 0.0) + rec["seconds"]
 
     first = correct.nonzero().flatten()[: config.batch_size]
@@ -350,16 +383,16 @@ def _run(
     for name in config.attacks:
         attack = build_attack(name, model, config, device=device, source_model=source_model, autoattack=shared_aa)
         pool = correct if config.individual else robust
-        candidates = pool.nonzero().flatten().tolist()
+        chunks = _chunks(pool.nonzero().flatten().tolist(), config.batch_size)
         broken = torch.zeros(n, dtype=torch.bool)
         attacked = torch.zeros(n, dtype=torch.bool)
-        for k, idx in enumerate(tqdm(_chunks(candidates, config.batch_size), desc=name, disable=not progress)):
-            rec = journal.get(name, k, idx)
-            if rec is None:
-                rec = _attack_batch(model, attack, x, y, idx, k, config, device)
-                journal.append(rec)
-            broken[idx] = torch.tensor(rec["broken"], dtype=torch.bool)
-            attacked[idx] = True
+
+        def attack_batch(k: int, idx: list[int], attack: Any = attack) -> dict[str, Any]:
+            return _attack_batch(model, attack, x, y, idx, k, config, device)
+
+        for rec in _run_phase(name, chunks, attack_batch, journal, progress):
+            broken[rec["idx"]] = torch.tensor(rec["broken"], dtype=torch.bool)
+            attacked[rec["idx"]] = True
             seconds[name] = seconds.get(name, 0.0) + rec["seconds"]
         per_attack[name] = torch.where(attacked, broken.long(), torch.full((n,), -1))
         robust &= ~broken

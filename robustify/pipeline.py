@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed
 from .attacks import AttackConfig
 from .calibrate import calibrate
 from .config import MeanSparseConfig
@@ -86,6 +87,8 @@ def _calibration_data(job: EvaluationJob) -> Any:
         if not 0 < job.n_calib <= len(ds):
             raise ValueError(f"n_calib must be in [1, {len(ds)}], got {job.n_calib}")
         ds = Subset(ds, range(job.n_calib))
+    if distributed.world_size() > 1:  # each rank calibrates its shard; moments merge exactly
+        ds = Subset(ds, distributed.shard(len(ds)))
     return loader(ds, job.calib_batch_size)
 
 
@@ -100,8 +103,10 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
         return model
     model = insert_meansparse(model, example, job.meansparse)
     calibrate(model, _calibration_data(job), device=job.device, progress=job.progress)
-    save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
-                     extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib})
+    if distributed.is_main():
+        save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
+                         extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib})
+    distributed.barrier()
     return model
 
 
@@ -177,7 +182,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     meta["not_applicable"] = skipped
     result = evaluate(model, x, y, config, out_dir=job.out, meta=meta, source_model=source, device=job.device,
                       num_classes=info.num_classes, progress=job.progress)
-    if job.leaderboard_dir:
+    if job.leaderboard_dir and distributed.is_main():
         from .leaderboard import write_leaderboard
 
         write_leaderboard(Path(job.out).parent, job.leaderboard_dir)

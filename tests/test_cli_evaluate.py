@@ -152,3 +152,28 @@ def test_kill_9_during_an_attack_then_resume(npz, tmp_path):
     records = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     keys = [(r["attack"], r["batch"]) for r in records]
     assert len(keys) == len(set(keys))
+
+
+def test_torchrun_two_processes_equal_one(npz, tmp_path):
+    """`torchrun --nproc_per_node=2 -m robustify evaluate` gives the single-process result."""
+    args = ["evaluate", "tinynets:tiny_cnn", "--data", str(npz), "--n-examples", "20", "--defense", "meansparse",
+            "--attacks", "apgd-ce,pgd", *QUICK]
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), env=env, check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29531", "-m", "robustify", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one_res = json.loads((tmp_path / "one" / "result.json").read_text())
+    two_res = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two_res["per_example"] == one_res["per_example"]
+    assert two_res["attack_acc"] == one_res["attack_acc"]
+    # calibration statistics merged across the two ranks equal the single-process ones
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "calibration.safetensors"))
+    b = load_file(str(tmp_path / "two" / "calibration.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
