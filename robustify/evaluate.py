@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .attacks import BLACK_BOX, AttackConfig, build_attack, make_autoattack
-from .data import validate_batch
+from .data import DataError, validate_batch
 from .io import write_json
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ def evaluate(
     source_model: nn.Module | None = None,
     device: torch.device | str = "cpu",
     num_classes: int | None = None,
+    input_size: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Attack ``model`` on ``(x, y)`` and return per-example and aggregate results.
@@ -286,10 +287,13 @@ def evaluate(
         meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
         source_model: the transfer attack's source (default: ``model`` with MeanSparse disabled).
         num_classes: to validate labels.
+        input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
     """
     config = config or AttackConfig()
     meta = dict(meta or {})
-    validate_batch(x, y, num_classes)
+    if x.shape[0] == 0:
+        raise DataError("there are no examples to evaluate")
+    validate_batch(x, y, num_classes, input_size=input_size)
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {

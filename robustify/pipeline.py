@@ -181,7 +181,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     meta = _job_meta(job, info, model)
     meta["not_applicable"] = skipped
     result = evaluate(model, x, y, config, out_dir=job.out, meta=meta, source_model=source, device=job.device,
-                      num_classes=info.num_classes, progress=job.progress)
+                      num_classes=info.num_classes, input_size=info.input_size[:1], progress=job.progress)
     if job.leaderboard_dir and distributed.is_main():
         from .leaderboard import write_leaderboard
 
@@ -237,7 +237,8 @@ def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float =
         config = job.attack
         meta = {**_job_meta(replace(job, meansparse=replace(job.meansparse, alpha=alpha)), info, model)}
         result = evaluate(model, x, y, config, out_dir=Path(job.out) / f"alpha_{alpha:g}", meta=meta,
-                          device=job.device, num_classes=info.num_classes, progress=job.progress)
+                          device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
+                          progress=job.progress)
         rows.append({"alpha": alpha, "clean_acc": 100 * result.clean_acc,
                      "worst_case_acc": 100 * result.worst_case_acc,
                      **{f"{a}_acc": 100 * v for a, v in result.attack_acc.items()}})

@@ -191,3 +191,28 @@ def test_l2_threat_model_runs(defended, images):
     result = evaluate(model, images[:8], y[:8], AttackConfig(attacks=("apgd-ce", "pgd"), norm="L2", eps=0.5,
                                                               apgd_iters=3, adaptive_steps=3), progress=False)
     assert 0 <= result.worst_case_acc <= result.clean_acc
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda x, y: (x * 255, y), "must be in \\[0, 1\\]"),
+        (lambda x, y: (x.masked_fill(x > 0.99, float("nan")), y), "NaN"),
+        (lambda x, y: (x, y + 10), "labels must be in"),
+        (lambda x, y: (x[:0], y[:0]), "no examples"),
+        (lambda x, y: (x[:, :1], y), "channel"),
+    ],
+)
+def test_bad_inputs_are_refused(defended, images, mutate, message):
+    _, model, y = defended
+    x_bad, y_bad = mutate(images, y)
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, x_bad, y_bad, AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=1), num_classes=10,
+                 input_size=(3, 32, 32), progress=False)
+
+
+def test_uncalibrated_meansparse_is_refused(images):
+    model = rb.insert_meansparse(tiny_cnn(), images[:2], rb.MeanSparseConfig(alpha=0.2))
+    with pytest.raises(rb.NotCalibratedError, match="no statistics"):
+        evaluate(model, images, torch.zeros(len(images), dtype=torch.long),
+                 AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=1), progress=False)

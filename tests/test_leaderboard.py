@@ -125,3 +125,23 @@ def test_collect_skips_corrupted_results(results_dir, tmp_path, caplog):
     assert len(collect(tmp_path / "r")) == 3
     assert "unreadable" in caplog.text
     assert "no results" in to_markdown(build_table([]))
+
+
+def test_crash_during_leaderboard_write_then_rerun(results_dir, tmp_path, monkeypatch):
+    """A crash between two table writes leaves complete files; the rerun equals an uninterrupted run."""
+    import robustify.leaderboard as lb
+
+    write_leaderboard(results_dir, tmp_path / "clean", plots=False)
+
+    def crash(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise KeyboardInterrupt  # like kill -9 after leaderboard.csv was replaced
+
+    monkeypatch.setattr(lb, "to_markdown", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_leaderboard(results_dir, tmp_path / "cut", plots=False)
+    assert pd.read_csv(tmp_path / "cut" / "leaderboard.csv").shape[0] == 3  # complete, never half-written
+    assert not list((tmp_path / "cut").glob(".*.tmp"))
+    monkeypatch.undo()
+    write_leaderboard(results_dir, tmp_path / "cut", plots=False)
+    for name in ("leaderboard.csv", "leaderboard.md"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
