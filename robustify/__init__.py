@@ -21,8 +21,35 @@ from .meansparse import (  # noqa: E402
 from .models import ModelInfo, ModelLoadError, load_model  # noqa: E402
 from .sites import Site, register_activation  # noqa: E402
 from .state import StateMismatchError, load_calibration, save_calibration  # noqa: E402
+from .attacks import AttackConfig  # noqa: E402
+from .evaluate import EvalResult, evaluate, load_result  # noqa: E402
+from .leaderboard import write_leaderboard  # noqa: E402
+from .pipeline import EvaluationJob, run_evaluation, sweep_alpha  # noqa: E402
+from .interop import convert_published_meansparse  # noqa: E402
+from .sparta import SpartaConfig, insert_sparta, load_sparta, save_sparta  # noqa: E402
+from .activations import ActivationConfig, swap_activations  # noqa: E402
+from .train import TrainConfig, load_defense, save_defense, train_defense  # noqa: E402
 
 __all__ = [
+    "ActivationConfig",
+    "AttackConfig",
+    "EvalResult",
+    "EvaluationJob",
+    "SpartaConfig",
+    "TrainConfig",
+    "convert_published_meansparse",
+    "evaluate",
+    "insert_sparta",
+    "load_defense",
+    "load_result",
+    "load_sparta",
+    "run_evaluation",
+    "save_defense",
+    "save_sparta",
+    "swap_activations",
+    "sweep_alpha",
+    "train_defense",
+    "write_leaderboard",
     "DataError",
     "InsertionError",
     "MeanSparse",

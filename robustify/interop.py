@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .meansparse import MeanSparse
+from .sites import forward_once
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,7 @@ def _probe_shapes(model: nn.Module, modules: dict[str, nn.Module], example: torc
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_once(model, example, [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()])
     return shapes
 
 

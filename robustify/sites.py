@@ -38,6 +38,7 @@ __all__ = [
     "is_activation",
     "modularize",
     "plan_sites",
+    "forward_once",
     "probe",
     "register_activation",
     "select_sites",
@@ -270,6 +271,12 @@ def probe(model: nn.Module, example: torch.Tensor) -> dict[str, _Observation]:
             handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
         elif not list(module.children()):
             handles.append(module.register_forward_hook(leaf_hook))
+    forward_once(model, example, handles)
+    return observations
+
+
+def forward_once(model: nn.Module, example: torch.Tensor, handles: Sequence[Any] = ()) -> None:
+    """One no-grad eval-mode forward pass, then remove ``handles`` and restore the train mode."""
     was_training = model.training
     model.eval()
     try:
@@ -279,7 +286,6 @@ def probe(model: nn.Module, example: torch.Tensor) -> dict[str, _Observation]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return observations
 
 
 def _producer_width(module: nn.Module | None) -> int | None:

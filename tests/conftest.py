@@ -15,6 +15,7 @@ fixture            scope     what
 ``tiny_model``     function  fresh small CNN (eval mode, seeded) taking ``(N, 3, 8, 8)`` in [0, 1],
                              10 classes, with 4 activation sites: ``act1`` (nn.ReLU module),
                              an ``F.relu`` call, ``act3`` (nn.SiLU) and ``x.relu()``
+``one_thread``     function  run the test with ``torch.set_num_threads(1)`` (for tiny-tensor tests)
 ``tiny_input``     function  ``torch.rand(6, 3, 8, 8)``, seeded
 ``check_insertion`` session  ``check(spec, side, n_sites, activation, dims, channels)``: loads
                              ``spec`` without weights, inserts and calibrates MeanSparse, asserts
@@ -68,6 +69,15 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors only: one thread avoids thread-sync overhead on a busy CPU (and is deterministic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -25,20 +25,12 @@ from robustify.sites import is_activation, plan_sites
 from robustify.state import StateMismatchError
 from robustify.train import defense_parameters
 
+from tinynets import seeded_resnet18
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors only: one thread avoids thread-sync overhead on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def resnet18() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model, info = robustify.load_model("aa-resnet18", pretrained=False)
-    return model, info.example_input()
+resnet18 = seeded_resnet18
 
 
 X = torch.linspace(-6, 6, 241)

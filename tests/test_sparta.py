@@ -22,23 +22,14 @@ from robustify.sparta import (
     sparta_modules,
 )
 from robustify.state import StateMismatchError
+from tinynets import seeded_resnet18
 
 PAPER_SITES = ["layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors only: one thread avoids thread-sync overhead on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def resnet18() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model, info = robustify.load_model("aa-resnet18", pretrained=False)
-    return model, info.example_input()
+resnet18 = seeded_resnet18
 
 
 class Block(nn.Module):

@@ -29,13 +29,7 @@ from robustify.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The nets here are tiny: one thread avoids thread-sync overhead (and is deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

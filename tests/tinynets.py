@@ -33,3 +33,12 @@ def tiny_cnn() -> nn.Module:
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def seeded_resnet18() -> tuple[nn.Module, torch.Tensor]:
+    """AutoAttack's example ResNet-18, random init with seed 0 (no weights), and its example input."""
+    import robustify
+
+    torch.manual_seed(0)
+    model, info = robustify.load_model("aa-resnet18", pretrained=False)
+    return model, info.example_input()
