@@ -8,7 +8,9 @@
 # steps (published: 50). Attacks run in sequence on the still-unbroken examples (AutoAttack's convention).
 # Every step is resumable: rerun this script after an interruption and it continues.
 #
-# Reproduce: bash benchmarks/leaderboard_cifar10.sh   (from the repository root; about 1-2 h on 2 CPU cores)
+# Reproduce (from the repository root; a few hours on 2 busy CPU cores):
+#   python benchmarks/train_defenses.py        # Sparta and PSSiLU files in runs/defenses/ (optional rows)
+#   bash benchmarks/leaderboard_cifar10.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -30,11 +32,12 @@ for a in $ALPHAS; do
   robustify evaluate "${MODEL[@]}" --defense meansparse --defense-weights "$CAL" --alpha "$a" \
     --out "$RUNS/results/meansparse_$a" "${ATTACK_ARGS[@]}"
 done
-# Rows for trained defenses (Sparta, activation swaps) are added by benchmarks/train_defenses.py's files:
+# Rows for trained defenses (Sparta, activation swaps) from benchmarks/train_defenses.py's files
+# (runs/defenses/*.safetensors with their JSON sidecars; `.backbone.safetensors` files are companions):
 for f in runs/defenses/*.safetensors; do
-  [ -f "$f" ] || continue
-  kind=$(python -c "import json,sys; print(json.load(open(sys.argv[1]+'.json')).get('defense', ''))" "$f")
-  [ -n "$kind" ] || continue
+  case "$f" in *.backbone.safetensors) continue ;; esac
+  [ -f "$f.json" ] || continue
+  kind=$(python -c "from robustify.train import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
   robustify evaluate "${MODEL[@]}" --defense "$kind" --defense-weights "$f" \
     --out "$RUNS/results/$(basename "$f" .safetensors)" "${ATTACK_ARGS[@]}"
 done

@@ -119,6 +119,14 @@ def test_n_examples_larger_than_data(npz, capsys):
     assert "asked for 1000 examples" in capsys.readouterr().err
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "robustify", *args]
 
@@ -162,7 +170,7 @@ def test_torchrun_two_processes_equal_one(npz, tmp_path):
            "OMP_NUM_THREADS": "1"}
     subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), env=env, check=True, capture_output=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29531", "-m", "robustify", *args, "--out", str(tmp_path / "two")],
+                          f"--master_port={_free_port()}", "-m", "robustify", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     one_res = json.loads((tmp_path / "one" / "result.json").read_text())
