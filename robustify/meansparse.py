@@ -292,6 +292,8 @@ class MeanSparse(nn.Module):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"alpha must be a number, got {value!r} (site {self.site!r})")
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {value!r} (site {self.site!r})")
@@ -447,7 +449,7 @@ def set_alpha(model: nn.Module, alpha: float | Mapping[str, float]) -> None:
     if isinstance(alpha, Mapping):
         unknown = sorted(set(alpha) - set(modules))
         if unknown:
-            raise KeyError(f"unknown MeanSparse site(s) {unknown}; known sites: {list(modules)[:8]}...")
+            raise ValueError(f"unknown MeanSparse site(s) {unknown}; known sites: {list(modules)[:8]}...")
         for site, value in alpha.items():
             modules[site].alpha = value
     else:

@@ -116,7 +116,7 @@ def test_site_alpha_naming_unknown_site_is_refused(tiny_model, tiny_input) -> No
         insert_meansparse(tiny_model, tiny_input, MeanSparseConfig(site_alpha={"nope": 0.1}))
     assert not meansparse_modules(tiny_model)  # nothing inserted half-way
     model = _calibrated(tiny_model, tiny_input, 0.1, [tiny_input])
-    with pytest.raises(KeyError, match="unknown MeanSparse site"):
+    with pytest.raises(ValueError, match="unknown MeanSparse site"):
         set_alpha(model, {"act1": 0.2, "nope": 0.1})
 
 
@@ -133,6 +133,9 @@ def test_set_alpha_refuses_negative(tiny_model, tiny_input) -> None:
     model = _calibrated(tiny_model, tiny_input, 0.1, [tiny_input])
     with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
         set_alpha(model, -1.0)
+    for bad in ("0.2", True, None):
+        with pytest.raises(TypeError, match="alpha must be a number"):
+            set_alpha(model, bad)
 
 
 def test_no_activation_found_says_which_model_and_what_was_searched() -> None:
