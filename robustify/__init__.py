@@ -22,7 +22,7 @@ from .models import ModelInfo, ModelLoadError, load_model  # noqa: E402
 from .sites import Site, register_activation  # noqa: E402
 from .state import StateMismatchError, load_calibration, save_calibration  # noqa: E402
 from .attacks import AttackConfig  # noqa: E402
-from .evaluate import EvalResult, evaluate, load_result  # noqa: E402
+from .evaluate import EvalResult, load_result  # noqa: E402  (the function: robustify.evaluate.evaluate)
 from .leaderboard import write_leaderboard  # noqa: E402
 from .pipeline import EvaluationJob, run_evaluation, sweep_alpha  # noqa: E402
 from .interop import convert_published_meansparse  # noqa: E402
@@ -38,7 +38,6 @@ __all__ = [
     "SpartaConfig",
     "TrainConfig",
     "convert_published_meansparse",
-    "evaluate",
     "insert_sparta",
     "load_defense",
     "load_result",

@@ -37,6 +37,7 @@ from . import __version__, distributed
 from .attacks import BLACK_BOX, AttackConfig, build_attack, make_autoattack
 from .data import DataError, validate_batch
 from .io import write_json
+from .memory import split_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -420,6 +421,9 @@ def _run(
     )
 
 
+_oom_state: dict[str, dict[str, int]] = {}
+
+
 def _attack_batch(
     model: nn.Module,
     attack: Any,
@@ -432,9 +436,15 @@ def _attack_batch(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     xb, yb = x[idx].to(device), y[idx].to(device)
-    x_adv = attack.perturb(xb, yb).detach()
-    if x_adv.dim() == 3:
-        x_adv = x_adv.unsqueeze(0)
+
+    def perturb(rows: torch.Tensor) -> torch.Tensor:
+        out = attack.perturb(xb[rows], yb[rows]).detach()
+        return out.unsqueeze(0) if out.dim() == 3 else out
+
+    # On out-of-memory the batch is split in halves (logged); the split is remembered per attack.
+    pieces = split_on_oom(perturb, torch.arange(len(idx), device=xb.device), what=f"attack {attack.name}",
+                          state=_oom_state.setdefault(attack.name, {}))
+    x_adv = torch.cat(pieces)
     _check_perturbation(x_adv, xb, config, attack.name)
     broken = (_predict(model, x_adv) != yb).cpu()
     return {"attack": attack.name, "batch": k, "idx": idx, "broken": broken.long().tolist(),

@@ -216,3 +216,26 @@ def test_uncalibrated_meansparse_is_refused(images):
     with pytest.raises(rb.NotCalibratedError, match="no statistics"):
         evaluate(model, images, torch.zeros(len(images), dtype=torch.long),
                  AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=1), progress=False)
+
+
+def test_out_of_memory_during_an_attack_backs_off(defended, images, monkeypatch, caplog):
+    """A simulated OOM on batches larger than 3: the batch is split, the evaluation completes."""
+    _, model, y = defended
+    import robustify.evaluate as engine
+
+    monkeypatch.setattr(engine, "_oom_state", {})
+    config = AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=2, batch_size=8)
+    from robustify.attacks import PyAutoAttack
+
+    real = PyAutoAttack.perturb
+
+    def small_batches_only(self, x, y):  # noqa: ANN001
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(self, x, y)
+
+    monkeypatch.setattr(PyAutoAttack, "perturb", small_batches_only)
+    with caplog.at_level("WARNING"):
+        result = evaluate(model, images, y, config, progress=False)
+    assert "retrying with batch size" in caplog.text
+    assert all(v is not None for v in result.per_example["apgd-ce"])  # every example was attacked
