@@ -52,7 +52,8 @@ def ours(model, x, y, iters, batch_size):  # type: ignore[no-untyped-def]
         elapsed = time.perf_counter() - start
     finally:
         shutil.rmtree(out)
-    flags = [0 if c == 0 else v for c, v in zip(result.per_example["clean_correct"], result.per_example["apgd-ce"])]
+    # pyautoattack counts a misclassified clean example as broken (its y_adv is the clean prediction)
+    flags = [1 if c == 0 else v for c, v in zip(result.per_example["clean_correct"], result.per_example["apgd-ce"])]
     return elapsed, [1 if f else 0 for f in flags]
 
 
