@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SerializableConfig
 from .insert import InsertionError
 from .sites import Site, modularize, plan_sites, register_activation, select_sites
 from .sparta import read_defense_file, write_defense_file
@@ -112,7 +113,7 @@ ACTIVATIONS: tuple[str, ...] = (*FIXED, *PARAMETRIC)
 # configuration and construction
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ActivationConfig:
+class ActivationConfig(SerializableConfig):
     """Which activation replaces which.
 
     Attributes:
@@ -152,20 +153,6 @@ class ActivationConfig:
     @property
     def parametric(self) -> bool:
         return self.name in PARAMETRIC
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for name in ("replace", "include", "exclude"):
-            d[name] = list(getattr(self, name))
-        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ActivationConfig":
-        version = data.get("_version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ValueError(f"{cls.__name__} version {version} is not supported (expected {cls.VERSION})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def make_activation(config: ActivationConfig) -> nn.Module:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["MeanSparseConfig", "check_alpha", "parse_eps", "parse_site_alpha"]
+__all__ = ["MeanSparseConfig", "SerializableConfig", "check_alpha", "parse_eps", "parse_site_alpha"]
 
 
 def check_alpha(value: Any, what: str = "alpha") -> float:
@@ -34,8 +34,31 @@ def parse_site_alpha(text: str) -> dict[str, float]:
     return result
 
 
+class SerializableConfig:
+    """``to_dict``/``from_dict`` for frozen dataclass configs (torchao-style ``_type``/``_version``).
+
+    Tuples become lists and mappings dicts in ``to_dict``; ``from_dict`` refuses another
+    ``VERSION`` and ignores unknown keys (``__post_init__`` restores the tuple fields).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
+             for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        version = data.get("_version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ValueError(f"{cls.__name__} version {version} is not supported (expected {cls.VERSION})")
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 @dataclass(frozen=True)
-class MeanSparseConfig:
+class MeanSparseConfig(SerializableConfig):
     """Where to insert MeanSparse and how to calibrate it.
 
     Attributes:
@@ -83,19 +106,6 @@ class MeanSparseConfig:
         """The threshold of ``site``: its ``site_alpha`` entry, else ``alpha``."""
         return self.site_alpha.get(site, self.alpha)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        d["site_alpha"] = dict(self.site_alpha)
-        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MeanSparseConfig":
-        version = data.get("_version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ValueError(f"{cls.__name__} version {version} is not supported (expected {cls.VERSION})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def parse_eps(value: str | float) -> float:

@@ -39,7 +39,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .config import SerializableConfig
 from .insert import InsertionError
 from .io import atomic_path, write_json
 from .sites import Site, modularize, plan_sites, register_activation, select_sites
@@ -86,7 +87,7 @@ _BASES = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "elu": F.elu, "softplu
 # configuration
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SpartaConfig:
+class SpartaConfig(SerializableConfig):
     """Which Sparta to build and where to put it.
 
     Attributes:
@@ -149,20 +150,6 @@ class SpartaConfig:
             "init": self.init,
             "init_logit": self.init_logit,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for name in ("include", "exclude", "sites"):
-            d[name] = list(getattr(self, name))
-        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SpartaConfig":
-        version = data.get("_version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ValueError(f"{cls.__name__} version {version} is not supported (expected {cls.VERSION})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 # ------------------------------------------------------------------------------------------
