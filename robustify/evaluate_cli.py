@@ -155,6 +155,29 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/quick")
 
 
+def _check_identity(job, calibration: Path) -> None:  # type: ignore[no-untyped-def]
+    """Sanity check of the inserted model: at alpha=0 it must reproduce the base model exactly."""
+    import torch
+
+    from .data import load_data, to_tensors
+    from .meansparse import set_alpha
+    from .models import load_model
+    from .state import load_calibration
+
+    base, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=job.weights,
+                            pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
+    x, _ = to_tensors(load_data(job.data, "test", n=min(16, job.n_examples), cache_dir=job.cache_dir))
+    x = x.to(job.device)
+    with torch.no_grad():
+        reference = base(x)
+        defended = load_calibration(base, calibration, info.example_input(device=job.device))
+        set_alpha(defended, 0.0)
+        same = torch.equal(defended(x), reference)
+    if not same:
+        raise RuntimeError("check failed: MeanSparse at alpha=0 does not reproduce the base model")
+    logger.info("check passed: MeanSparse at alpha=0 reproduces the base model exactly")
+
+
 @register_command("run", "the main job: robustify a model with MeanSparse, check it, and make a quick "
                          "leaderboard (base vs MeanSparse, APGD-CE and BPDA)", _run_args)
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -171,8 +194,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         n_examples=args.n_examples, n_calib=args.n_calib, attack=attack, out=str(out / "results" / "base"),
     )
     base = run_evaluation(base_job)
+    defended_dir = out / "results" / f"meansparse_{args.alpha:g}"
     defended = run_evaluation(replace(base_job, defense="meansparse", meansparse=MeanSparseConfig(alpha=args.alpha),
-                                      out=str(out / "results" / f"meansparse_{args.alpha:g}")))
+                                      out=str(defended_dir)))
+    _check_identity(base_job, Path(defended_dir) / "calibration.safetensors")
     print(to_markdown(write_leaderboard(out / "results", out / "leaderboard")))
     print(f"base: clean {100 * base.clean_acc:.2f}%, worst case {100 * base.worst_case_acc:.2f}%; "
           f"MeanSparse alpha={args.alpha:g}: clean {100 * defended.clean_acc:.2f}%, "

@@ -185,3 +185,25 @@ def test_torchrun_two_processes_equal_one(npz, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_main_job_run(npz, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        assert main(["run", "--model", "tinynets:tiny_cnn", "--data", str(npz), "--n-examples", "8",
+                     "--n-calib", "32", "--apgd-iters", "2", "--eps", "2/255", "--out", str(tmp_path)]) == 0
+    assert "check passed: MeanSparse at alpha=0 reproduces the base model exactly" in caplog.text
+    lb = pd.read_csv(tmp_path / "leaderboard" / "leaderboard.csv")
+    assert sorted(lb["defense"]) == ["meansparse", "none"]
+    assert "bpda-apgd-ce_acc" in lb.columns
+
+
+def test_main_job_offline_says_how_to_use_local_data(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise OSError("simulated: no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    assert main(["run", "--model", "tinynets:tiny_cnn", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--data file.npz" in err and len(err.strip().splitlines()) == 1
