@@ -145,7 +145,11 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     df = df.sort_values(["worst_case_acc", "clean_acc", "model", "defense", "alpha"],
                         ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
-    attack_cols = [c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc", "worst_case_acc")]
+    from .attacks import ATTACKS
+
+    attack_cols = sorted((c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc",
+                                                                                      "worst_case_acc")),
+                         key=lambda c: (ATTACKS.index(c[:-4]) if c[:-4] in ATTACKS else len(ATTACKS), c))
     order = LEAD_COLUMNS + attack_cols + TAIL_COLUMNS
     return df[[c for c in order if c in df.columns]].reset_index(drop=True)
 
