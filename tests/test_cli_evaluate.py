@@ -133,7 +133,7 @@ def _cli(*args: str) -> list[str]:
 
 def test_kill_9_during_an_attack_then_resume(npz, tmp_path):
     args = ["evaluate", "tinynets:tiny_cnn", "--data", str(npz), "--n-examples", "16", "--defense", "meansparse",
-            "--attacks", "apgd-ce,apgd-dlr", "--eps", "2/255", "--apgd-iters", "20", "--attack-batch-size", "2",
+            "--attacks", "apgd-ce,apgd-dlr", "--eps", "2/255", "--apgd-iters", "10", "--attack-batch-size", "2",
             "--no-progress"]
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     reference = tmp_path / "reference"
