@@ -41,5 +41,10 @@ for f in runs/defenses/*.safetensors; do
   robustify evaluate "${MODEL[@]}" --defense "$kind" --defense-weights "$f" \
     --out "$RUNS/results/$(basename "$f" .safetensors)" "${ATTACK_ARGS[@]}"
 done
-robustify leaderboard "$RUNS/results" --out leaderboard > /dev/null
-printf '\nReproduce with: bash benchmarks/leaderboard_cifar10.sh (N=%s ALPHAS="%s")\n' "$N" "$ALPHAS" >> leaderboard/leaderboard.md
+# Keep the per-example results (not the journals) next to the tables, and build the tables from them.
+for d in "$RUNS"/results/*/; do
+  [ -f "$d/result.json" ] || continue
+  mkdir -p "leaderboard/results/$(basename "$d")" && cp "$d/result.json" "leaderboard/results/$(basename "$d")/"
+done
+robustify leaderboard leaderboard/results --out leaderboard > /dev/null
+printf '\nReproduce with: `python benchmarks/train_defenses.py && bash benchmarks/leaderboard_cifar10.sh` (N=%s, ALPHAS="%s"). The per-example results behind every row are in `leaderboard/results/*/result.json`; `robustify leaderboard leaderboard/results --out leaderboard` rebuilds these tables and plots from them.\n' "$N" "$ALPHAS" >> leaderboard/leaderboard.md

@@ -86,7 +86,7 @@ def plot_base_vs_defended(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{model} {dataset} {threat} eps={eps}, n={n}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(metrics))
         ax.grid(axis="y", alpha=0.3)
         written.append(_save(fig, Path(out_dir) / f"bars_{_slug(str(model))}_{_slug(str(eps))}.png"))
     return written
