@@ -42,6 +42,7 @@ def test_apgd_ce_equals_pyautoattack_direct(defended, images):
 
     aa = AutoAttack(model, attacks=["apgd-ce"], version="custom", eps=EPS, seed=0)
     aa.apgd.n_iter = 10
+    aa.apgd.n_restarts = 1  # the 'custom' version keeps the constructor's 5 restarts; the standard one uses 1
     aa.apgd.n_iter_2, aa.apgd.n_iter_min, aa.apgd.size_decr = max(int(0.22 * 10), 1), max(int(0.06 * 10), 1), 1
     _, y_adv = aa.run_standard_evaluation(images, y, batch_size=10)
     direct = (y_adv == y).float().mean().item()
