@@ -102,20 +102,6 @@ def load_model_from_args(args: argparse.Namespace, spec: str | None = None) -> t
     )
 
 
-def calibration_loader(args: argparse.Namespace, info: Any) -> Any:
-    from .data import load_data, loader
-
-    ds = load_data(args.data, "train", n=None, holdout=args.holdout, cache_dir=args.cache_dir,
-                   num_classes=info.num_classes, channels=info.input_size[0])
-    if args.n_calib is not None:
-        from torch.utils.data import Subset
-
-        if not 0 < args.n_calib <= len(ds):
-            raise ValueError(f"--n-calib must be in [1, {len(ds)}], got {args.n_calib}")
-        ds = Subset(ds, range(args.n_calib))
-    return loader(ds, args.batch_size)
-
-
 # ------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------
@@ -151,25 +137,27 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .insert import insert_meansparse
+    from .pipeline import calibration_loader
     from .state import save_calibration
 
     config = meansparse_config(args)
     model, info = load_model_from_args(args)
     model = insert_meansparse(model, info.example_input(device=args.device), config)
-    counts = calibrate(model, calibration_loader(args, info), device=args.device)
-    save_calibration(model, args.out, config=config, model_info=info.to_dict(),
-                     extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib})
-    logger.info("wrote %s (%d sites)", args.out, len(counts))
+    batches = calibration_loader(args.data, info, holdout=args.holdout, n_calib=args.n_calib,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir)
+    counts = calibrate(model, batches, device=args.device)
+    from . import distributed
+
+    if distributed.is_main():  # under torchrun every rank holds the merged statistics
+        save_calibration(model, args.out, config=config, model_info=info.to_dict(),
+                         extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib})
+        logger.info("wrote %s (%d sites)", args.out, len(counts))
     return 0
 
 
 # ------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------
-class CliError(Exception):
-    """An error to report in one line."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     _load_command_modules()
     parser = argparse.ArgumentParser(prog="robustify", description=__doc__.splitlines()[0])

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .attacks import BLACK_BOX, AttackConfig, build_attack, make_autoattack
+from .attacks import BLACK_BOX, STANDARD, WHITE_BOX, AttackConfig, build_attack, make_autoattack
 from .data import DataError, validate_batch
 from .io import write_json
 from .memory import split_on_oom
@@ -126,8 +126,8 @@ class Journal:
 
     def _replay(self, header: dict[str, Any], rewrite: bool = True) -> None:
         assert self.path is not None
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        complete = self.path.read_text(encoding="utf-8").endswith("\n")
+        text = self.path.read_text(encoding="utf-8")
+        lines, complete = text.split("\n"), text.endswith("\n")
         parsed = []
         for i, line in enumerate(lines):
             if not line.strip():
@@ -454,10 +454,6 @@ def _attack_batch(
 # ------------------------------------------------------------------------------------------
 # gradient-masking audit (per result; cross-row checks live in robustify.leaderboard)
 # ------------------------------------------------------------------------------------------
-def _broken_count(result: EvalResult, attack: str) -> int:
-    return sum(1 for v in result.per_example.get(attack, []) if v == 1)
-
-
 def _breaks(result: EvalResult, attack: str) -> set[int]:
     return {i for i, v in enumerate(result.per_example.get(attack, [])) if v == 1}
 
@@ -473,7 +469,7 @@ def audit(result: EvalResult) -> list[str]:
     """
     n = max(result.n_examples, 1)
     attacks = list(result.attack_acc)
-    white = [a for a in attacks if a in ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "pgd")]
+    white = [a for a in attacks if a in WHITE_BOX]
     flags = []
 
     def extra(attacks_a: list[str], attacks_b: list[str]) -> float:
@@ -487,7 +483,7 @@ def audit(result: EvalResult) -> list[str]:
     bpda_attacks = [a for a in attacks if a.startswith("bpda-")]
     if std_apgd and bpda_attacks and extra(bpda_attacks, std_apgd) > AUDIT_MARGIN:
         flags.append("bpda-beats-standard")
-    standard = [a for a in attacks if a in ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")]
+    standard = [a for a in attacks if a in STANDARD]
     if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
         flags.append("adaptive-beats-standard")
     if result.aa_checks:

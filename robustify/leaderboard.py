@@ -17,13 +17,13 @@ from typing import Any
 
 import pandas as pd
 
+from .attacks import ATTACKS, STANDARD, AttackConfig
 from .io import atomic_path, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_table", "collect", "result_row", "write_leaderboard"]
 
-STANDARD_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 EPS_MARGIN = 0.2  # percentage points
 LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", "eps", "n_examples", "mode",
                 "clean_acc"]
@@ -57,7 +57,7 @@ def _eps_text(eps: float) -> str:
 
 def _standard_acc(result: dict[str, Any]) -> float | None:
     per = result.get("per_example", {})
-    standard = [a for a in STANDARD_ATTACKS if a in per]
+    standard = [a for a in STANDARD if a in per]
     if not standard:
         return None
     correct = per["clean_correct"]
@@ -66,8 +66,6 @@ def _standard_acc(result: dict[str, Any]) -> float | None:
 
 
 def _budgets(config: dict[str, Any]) -> str:
-    from .attacks import AttackConfig
-
     cfg = AttackConfig.from_dict(config)
     parts = []
     for attack in cfg.attacks:
@@ -145,8 +143,6 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     df = df.sort_values(["worst_case_acc", "clean_acc", "model", "defense", "alpha"],
                         ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
-    from .attacks import ATTACKS
-
     attack_cols = sorted((c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc",
                                                                                       "worst_case_acc")),
                          key=lambda c: (ATTACKS.index(c[:-4]) if c[:-4] in ATTACKS else len(ATTACKS), c))

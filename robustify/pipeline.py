@@ -79,17 +79,31 @@ def _is_defense_file(path: str | None) -> bool:
         return False
 
 
-def _calibration_data(job: EvaluationJob) -> Any:
+def calibration_loader(
+    data: str,
+    info: ModelInfo,
+    *,
+    holdout: int = 0,
+    n_calib: int | None = None,
+    batch_size: int = 256,
+    cache_dir: str | None = None,
+) -> Any:
+    """The calibration batches: the training split minus its last ``holdout`` examples.
+
+    ``n_calib`` keeps the first examples only; under torchrun each rank gets its shard (the
+    moments of all ranks are merged exactly by :func:`robustify.calibrate`).
+    """
     from torch.utils.data import Subset
 
-    ds = load_data(job.data, "train", holdout=job.holdout, cache_dir=job.cache_dir)
-    if job.n_calib is not None:
-        if not 0 < job.n_calib <= len(ds):
-            raise ValueError(f"n_calib must be in [1, {len(ds)}], got {job.n_calib}")
-        ds = Subset(ds, range(job.n_calib))
-    if distributed.world_size() > 1:  # each rank calibrates its shard; moments merge exactly
+    ds = load_data(data, "train", holdout=holdout, cache_dir=cache_dir, num_classes=info.num_classes,
+                   channels=info.input_size[0])
+    if n_calib is not None:
+        if not 0 < n_calib <= len(ds):
+            raise ValueError(f"--n-calib must be in [1, {len(ds)}], got {n_calib}")
+        ds = Subset(ds, range(n_calib))
+    if distributed.world_size() > 1:
         ds = Subset(ds, distributed.shard(len(ds)))
-    return loader(ds, job.calib_batch_size)
+    return loader(ds, batch_size)
 
 
 def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Module:
@@ -102,7 +116,9 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
         logger.info("MeanSparse statistics loaded from %s (no recalibration)", source)
         return model
     model = insert_meansparse(model, example, job.meansparse)
-    calibrate(model, _calibration_data(job), device=job.device, progress=job.progress)
+    batches = calibration_loader(job.data, info, holdout=job.holdout, n_calib=job.n_calib,
+                                 batch_size=job.calib_batch_size, cache_dir=job.cache_dir)
+    calibrate(model, batches, device=job.device, progress=job.progress)
     if distributed.is_main():
         save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
                          extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib})
