@@ -11,7 +11,9 @@ that load from other processes hits all of them alike:
 * ``compiled_base`` / ``compiled``: ``torch.compile`` of each (``--compile``).
 
 Metrics: ``forward`` (no grad, eval) and ``forward_backward`` (cross-entropy gradient
-with respect to the input, as one attack step computes it). For every variant the CSV
+with respect to the input, as one attack step computes it; parameters frozen, as
+``robustify.evaluate`` freezes them during attacks). ``compiled`` is
+``robustify.fast.compile_model``, which fuses MeanSparse with its ReLU hosts. For every variant the CSV
 holds the median and minimum wall time and the median process CPU time; ratios are
 variant / base of the same metric (compiled variants / compiled base).
 
@@ -186,6 +188,8 @@ def build(spec: str, batch: int, alpha: float, device: torch.device) -> tuple[nn
     if spec.startswith("timm:"):
         robust.load_state_dict(base.state_dict())
     base, robust = base.eval().to(device), robust.eval().to(device)
+    for p in [*base.parameters(), *robust.parameters()]:
+        p.requires_grad_(False)  # as during evaluation: input gradients only
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *info.input_size, generator=g)
     npz = SHARED / "data" / "cifar10_subset.npz"

@@ -9,7 +9,14 @@ __version__ = "0.1.0"
 from .calibrate import calibrate, calibrating  # noqa: E402
 from .config import MeanSparseConfig, parse_eps  # noqa: E402
 from .data import DataError, load_data, loader, to_tensors  # noqa: E402
-from .insert import InsertionError, insert_meansparse, plan, remove_meansparse  # noqa: E402
+from .insert import (  # noqa: E402
+    InsertionError,
+    fuse_meansparse,
+    insert_meansparse,
+    plan,
+    remove_meansparse,
+    unfuse_meansparse,
+)
 from .meansparse import (  # noqa: E402
     MeanSparse,
     NotCalibratedError,
@@ -62,6 +69,7 @@ __all__ = [
     "calibrate",
     "calibrating",
     "defenses_disabled",
+    "fuse_meansparse",
     "insert_meansparse",
     "load_calibration",
     "load_data",
@@ -75,4 +83,5 @@ __all__ = [
     "save_calibration",
     "set_alpha",
     "to_tensors",
+    "unfuse_meansparse",
 ]

@@ -305,7 +305,8 @@ def evaluate(
     }
     model.eval()
     main = distributed.is_main()
-    with _locked(directory if main else None), _autoattack_warnings() as aa_warnings:
+    with _locked(directory if main else None), _autoattack_warnings() as aa_warnings, \
+            _parameters_frozen(model, source_model):
         journal = Journal(directory, header, writer=main)
         try:
             result = _run(model, x, y, config, journal, device, source_model, progress)
@@ -320,6 +321,20 @@ def evaluate(
     return result
 
 
+@contextlib.contextmanager
+def _parameters_frozen(*models: nn.Module | None) -> Iterator[None]:
+    """Attacks need input gradients only: no parameter gradient is computed (FAB calls
+    ``backward()``; a compiled model's backward would include them) or accumulated."""
+    params = {id(p): p for m in models if m is not None for p in m.parameters() if p.requires_grad}
+    for p in params.values():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+
+
 def _run_phase(
     name: str,
     chunks: list[list[int]],
@@ -329,26 +344,26 @@ def _run_phase(
 ) -> list[dict[str, Any]]:
     """Run (or replay) every batch of one phase; under torchrun, ranks share the batches.
 
-    Rank ``r`` of ``w`` runs batches ``k`` with ``k % w == r``; the new records are then
-    exchanged so every rank holds the whole phase, and rank 0 journals them. Each batch's
+    Rank ``r`` of ``w`` runs batches ``k`` with ``k % w == r``, in rounds of one batch per
+    rank; after each round the ranks exchange their new records and rank 0 journals them at
+    once, so a crash loses at most the round in progress, whichever rank ran it. A batch's
     result does not depend on which rank ran it (attacks reseed per batch).
     """
     world, me = distributed.world_size(), distributed.rank()
-    fresh = []
-    mine = [k for k in range(len(chunks)) if k % world == me]
-    for k in tqdm(mine, desc=name, disable=not progress or not distributed.is_main()):
-        if journal.get(name, k, chunks[k]) is None:
-            rec = compute(k, chunks[k])
-            journal.append(rec)
-            fresh.append(rec)
-    if world > 1:
-        import torch.distributed as dist
+    rounds = -(-len(chunks) // world)
+    for r in tqdm(range(rounds), desc=name, disable=not progress or not distributed.is_main()):
+        k = r * world + me
+        fresh = None
+        if k < len(chunks) and journal.get(name, k, chunks[k]) is None:
+            fresh = compute(k, chunks[k])
+            journal.append(fresh)
+        if world > 1:
+            import torch.distributed as dist
 
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, fresh)
-        for r, recs in enumerate(everyone):
-            if r != me:
-                for rec in recs:
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, fresh)
+            for other, rec in enumerate(everyone):
+                if other != me and rec is not None:
                     journal.append(rec)
     return [journal.get(name, k, idx) for k, idx in enumerate(chunks)]  # type: ignore[misc]
 

@@ -69,6 +69,10 @@ def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--leaderboard-dir", default=None,
                    help="rebuild this leaderboard from every result next to --out when done")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="attack the torch.compile'd model (MeanSparse fused into ReLU; pays off on GPUs)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast the attacked model (MeanSparse statistics stay float32)")
 
 
 def job_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -80,7 +84,8 @@ def job_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         pretrained=args.pretrained, cache_dir=args.cache_dir, device=args.device, n_examples=args.n_examples,
         holdout=args.holdout, n_calib=args.n_calib, calib_batch_size=args.calib_batch_size,
         meansparse=meansparse_config(args), attack=attack_config(args), out=args.out,
-        leaderboard_dir=args.leaderboard_dir, progress=args.progress,
+        leaderboard_dir=args.leaderboard_dir, progress=args.progress, compile=args.compile,
+        precision=args.precision,
     )
 
 

@@ -17,12 +17,19 @@ import torch
 from torch import nn
 
 from .config import MeanSparseConfig
-from .meansparse import MeanSparse, meansparse_modules
+from .meansparse import MeanSparse, MeanSparseReLU, meansparse_modules
 from .sites import ACTIVATION_CLASS_NAMES, Site, modularize, plan_sites, select_sites
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InsertionError", "insert_meansparse", "plan", "remove_meansparse"]
+__all__ = [
+    "InsertionError",
+    "fuse_meansparse",
+    "insert_meansparse",
+    "plan",
+    "remove_meansparse",
+    "unfuse_meansparse",
+]
 
 CHILD_NAME = "meansparse"
 
@@ -33,6 +40,40 @@ class InsertionError(ValueError):
 
 def _run_child_first(child_name: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (getattr(module, child_name)(args[0]), *args[1:])
+
+
+def _attach(activation: nn.Module, module: MeanSparse) -> None:
+    """Make ``module`` the activation's ``meansparse`` child, run first by a forward pre-hook."""
+    activation.add_module(CHILD_NAME, module)
+    activation.register_forward_pre_hook(functools.partial(_run_child_first, CHILD_NAME))
+
+
+def _our_hooks(module: nn.Module) -> list[int]:
+    hooks = getattr(module, "_forward_pre_hooks", {})
+    return [k for k, h in hooks.items() if isinstance(h, functools.partial) and h.func is _run_child_first]
+
+
+def _has_other_hooks(module: nn.Module) -> bool:
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    ours = len(_our_hooks(module))
+    return sum(len(getattr(module, n, {}) or {}) for n in names) > ours
+
+
+def _replace_children(model: nn.Module, convert: Any) -> int:
+    """Replace every child ``c`` for which ``convert(c)`` is a module (shared children stay shared)."""
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            new = done.get(id(child))
+            if new is None:
+                new = convert(child)
+                if new is None:
+                    continue
+                done[id(child)] = new
+            parent._modules[name] = new
+    return len(done)
 
 
 def plan(
@@ -98,20 +139,52 @@ def insert_meansparse(
             stats_mode=config.stats_mode,
         )
         device = next((t.device for t in [*activation.parameters(), *activation.buffers()]), example.device)
-        activation.add_module(CHILD_NAME, module.to(device))
-        activation.register_forward_pre_hook(functools.partial(_run_child_first, CHILD_NAME))
+        _attach(activation, module.to(device))
     logger.info("inserted MeanSparse at %d site(s) of %s", len(sites), type(model).__name__)
     return prepared
 
 
 def remove_meansparse(model: nn.Module) -> nn.Module:
-    """Remove every inserted MeanSparse module and its hook (in place)."""
+    """Remove every inserted MeanSparse module and its hook (in place); fused ReLUs become ReLUs."""
+    _replace_children(model, lambda m: nn.ReLU(inplace=m.inplace) if type(m) is MeanSparseReLU else None)
     for module in model.modules():
         hooks = getattr(module, "_forward_pre_hooks", {})
-        for key, hook in list(hooks.items()):
-            if isinstance(hook, functools.partial) and hook.func is _run_child_first:
-                child = hook.args[0]
-                del hooks[key]
-                if child in module._modules:
-                    del module._modules[child]
+        for key in _our_hooks(module):
+            child = hooks.pop(key).args[0]
+            if child in module._modules:
+                del module._modules[child]
     return model
+
+
+def _fused(module: nn.Module) -> nn.Module | None:
+    child = getattr(module, CHILD_NAME, None) if type(module) is nn.ReLU else None
+    if not isinstance(child, MeanSparse) or len(_our_hooks(module)) != 1 or _has_other_hooks(module):
+        return None
+    return MeanSparseReLU(child, inplace=module.inplace).train(module.training)
+
+
+def _unfused(module: nn.Module) -> nn.Module | None:
+    if type(module) is not MeanSparseReLU:
+        return None
+    relu = nn.ReLU(inplace=module.inplace).train(module.training)
+    _attach(relu, module.meansparse)
+    return relu
+
+
+def fuse_meansparse(model: nn.Module) -> int:
+    """Fuse each MeanSparse with the ``nn.ReLU`` that hosts it, in place; returns the count.
+
+    The ReLU becomes a :class:`~robustify.meansparse.MeanSparseReLU` holding the same
+    MeanSparse child: state-dict keys, eager outputs and gradients are unchanged, and under
+    ``torch.compile`` the pair's backward keeps nothing but the ReLU output (see
+    :mod:`robustify.fast`). Other activations, and ReLUs carrying hooks of their own, are
+    left as they are. :func:`unfuse_meansparse` undoes it.
+    """
+    count = _replace_children(model, _fused)
+    logger.info("fused MeanSparse with %d ReLU(s)", count)
+    return count
+
+
+def unfuse_meansparse(model: nn.Module) -> int:
+    """Undo :func:`fuse_meansparse` in place; returns the number of ReLUs restored."""
+    return _replace_children(model, _unfused)

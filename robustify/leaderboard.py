@@ -27,7 +27,8 @@ __all__ = ["build_table", "collect", "result_row", "write_leaderboard"]
 EPS_MARGIN = 0.2  # percentage points
 LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", "eps", "n_examples", "mode",
                 "clean_acc"]
-TAIL_COLUMNS = ["standard_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets", "seconds", "settings_id",
+TAIL_COLUMNS = ["standard_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets", "precision",
+                "seconds", "settings_id",
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
 VOLATILE = ("seconds", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
 
@@ -98,6 +99,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["not_applicable"] = "; ".join(f"{a}: {why}" for a, why in skipped.items())
     row["attacks"] = ",".join(config["attacks"])
     row["budgets"] = _budgets(config)
+    row["precision"] = meta.get("precision", "float32")
     row["seconds"] = round(sum(result.get("seconds", {}).values()), 1)
     identity = {k: v for k, v in meta.items() if k not in ("started",)}
     key = json.dumps({"meta": identity, "config": config, "n": result["n_examples"]}, sort_keys=True, default=str)

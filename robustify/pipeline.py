@@ -23,6 +23,7 @@ from .calibrate import calibrate
 from .config import MeanSparseConfig
 from .data import load_data, loader, to_tensors
 from .evaluate import EvalResult, evaluate
+from .fast import PRECISIONS, for_evaluation
 from .insert import insert_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules, set_alpha
@@ -62,10 +63,14 @@ class EvaluationJob:
     out: str = "runs/eval"
     leaderboard_dir: str | None = None
     progress: bool = True
+    compile: bool = False
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.defense not in DEFENSES:
             raise ValueError(f"unknown defense {self.defense!r}; choose from {list(DEFENSES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
         if self.n_examples < 1:
             raise ValueError(f"n_examples must be positive, got {self.n_examples}")
 
@@ -166,7 +171,13 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
         "defense_weights": job.defense_weights,
         "meansparse": job.meansparse.to_dict() if has_ms else None,
     }
+    if job.precision != "float32":  # results depend on it; compiling changes float32 rounding only
+        meta["precision"] = job.precision
     return meta
+
+
+def _attacked(job: EvaluationJob, model: nn.Module) -> nn.Module:
+    return for_evaluation(model, compile=job.compile, precision=job.precision, device=job.device)
 
 
 def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[AttackConfig, dict[str, str]]:
@@ -196,8 +207,9 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     config, skipped = _applicable(job.attack, model, job.defense)
     meta = _job_meta(job, info, model)
     meta["not_applicable"] = skipped
-    result = evaluate(model, x, y, config, out_dir=job.out, meta=meta, source_model=source, device=job.device,
-                      num_classes=info.num_classes, input_size=info.input_size[:1], progress=job.progress)
+    result = evaluate(_attacked(job, model), x, y, config, out_dir=job.out, meta=meta, source_model=source,
+                      device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
+                      progress=job.progress)
     if job.leaderboard_dir and distributed.is_main():
         from .leaderboard import write_leaderboard
 
@@ -247,12 +259,13 @@ def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float =
     model, info, _ = build_defended_model(job)
     data = load_data(job.data, "holdout", n=job.n_examples, holdout=job.holdout, cache_dir=job.cache_dir)
     x, y = to_tensors(data)
+    attacked = _attacked(job, model)
     rows = []
     for alpha in grid:
         set_alpha(model, alpha)
         config = job.attack
         meta = {**_job_meta(replace(job, meansparse=replace(job.meansparse, alpha=alpha)), info, model)}
-        result = evaluate(model, x, y, config, out_dir=Path(job.out) / f"alpha_{alpha:g}", meta=meta,
+        result = evaluate(attacked, x, y, config, out_dir=Path(job.out) / f"alpha_{alpha:g}", meta=meta,
                           device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
                           progress=job.progress)
         rows.append({"alpha": alpha, "clean_acc": 100 * result.clean_acc,

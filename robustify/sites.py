@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import operator
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -118,9 +119,34 @@ class Site:
 # --------------------------------------------------------------------------------------
 # 1. functional calls and shared modules -> one activation module per call (torch.fx)
 # --------------------------------------------------------------------------------------
+class _InPlaceProxy(fx.Proxy):
+    """A proxy that records ``a += b`` (and ``-=``, ``*=``, ``/=``) as in-place operations.
+
+    ``fx.Proxy`` has no in-place operators, so Python falls back to ``a = a + b``: the
+    rewritten model would allocate a new tensor at every residual connection (``out +=
+    shortcut``), about 5% slower on a ResNet-18 on CPU, where large allocations are
+    page-faulted in afresh. Recording ``operator.iadd`` keeps the original semantics.
+    """
+
+    def __iadd__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+
 class _ActivationLeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_activation(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
 
 
 def _owner(node: fx.Node, exclude: str | None = None) -> str:

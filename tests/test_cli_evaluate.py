@@ -207,3 +207,24 @@ def test_main_job_offline_says_how_to_use_local_data(tmp_path, capsys, monkeypat
     assert main(["run", "--model", "tinynets:tiny_cnn", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--data file.npz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_precision_and_compile_flags(npz, tmp_path):
+    """--precision autocasts the attacked model (recorded in the result and the leaderboard);
+    --compile attacks the compiled, fused model and agrees with the eager run."""
+    common = ["--defense", "meansparse", "--alpha", "0.3", "--attacks", "apgd-ce,bpda"]
+    assert _evaluate(npz, tmp_path / "res" / "eager", *common) == 0
+    assert _evaluate(npz, tmp_path / "res" / "bf16", *common, "--precision", "bfloat16",
+                     "--leaderboard-dir", str(tmp_path / "lb")) == 0
+    assert _evaluate(npz, tmp_path / "res" / "compiled", *common, "--compile") == 0
+    eager, bf16, compiled = (json.loads((tmp_path / "res" / d / "result.json").read_text())
+                             for d in ("eager", "bf16", "compiled"))
+    assert bf16["meta"]["precision"] == "bfloat16" and "precision" not in eager["meta"]
+    lb = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
+    assert sorted(lb["precision"]) == ["bfloat16", "float32"]
+    assert compiled["per_example"]["clean_correct"] == eager["per_example"]["clean_correct"]
+    for attack, acc in eager["attack_acc"].items():
+        assert abs(compiled["attack_acc"][attack] - acc) <= 1 / 16 + 1e-9
+    assert sum(bf16["per_example"]["clean_correct"]) >= 14  # labels are the float32 model's own predictions
+    with pytest.raises(SystemExit):
+        _evaluate(npz, tmp_path / "res" / "bad", "--precision", "float8")

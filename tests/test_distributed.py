@@ -132,3 +132,47 @@ def test_helpers_are_the_identity_in_one_process() -> None:
     assert gather_examples(t) is t
     with pytest.raises(ValueError):
         shard(10, 3, 3)
+
+
+def test_other_ranks_batches_are_journalled_every_round(tmp_path: Path, monkeypatch) -> None:
+    """Rank 0 journals rank 1's batches as soon as a round ends, not at the end of the phase."""
+    import robustify.distributed as distributed_module
+    import robustify.evaluate as engine
+
+    monkeypatch.setattr(distributed_module, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed_module, "rank", lambda: 0)
+    done: list[int] = []
+
+    def compute(k: int, idx: list[int]) -> dict:
+        if k == 4:  # rank 0's third batch: a crash in round 2
+            raise KeyboardInterrupt
+        done.append(k)
+        return {"attack": "apgd-ce", "batch": k, "idx": idx, "broken": [k % 2] * len(idx), "seconds": 0.0}
+
+    def all_gather_object(out: list, obj: object) -> None:  # rank 1 ran batch k + 1 of the round
+        assert obj is not None and len(out) == 2
+        k = obj["batch"] + 1  # type: ignore[index]
+        out[:] = [obj, compute(k, chunks[k])]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    chunks = [[2 * k, 2 * k + 1] for k in range(6)]
+    journal = engine.Journal(tmp_path, {"config": {}}, writer=True)
+    with pytest.raises(KeyboardInterrupt):
+        engine._run_phase("apgd-ce", chunks, compute, journal, progress=False)
+    journal.close()
+    on_disk = engine.Journal(tmp_path, {"config": {}}, writer=False).records
+    assert sorted(k for (_, k) in on_disk) == [0, 1, 2, 3] == sorted(done)
+    # the rerun (one process) replays those four batches and computes only the other two
+    rerun: list[int] = []
+
+    def compute_again(k: int, idx: list[int]) -> dict:
+        rerun.append(k)
+        return {"attack": "apgd-ce", "batch": k, "idx": idx, "broken": [k % 2] * len(idx), "seconds": 0.0}
+
+    monkeypatch.setattr(distributed_module, "world_size", lambda: 1)
+    journal = engine.Journal(tmp_path, {"config": {}}, writer=True)
+    records = engine._run_phase("apgd-ce", chunks, compute_again, journal, progress=False)
+    journal.close()
+    assert rerun == [4, 5]
+    assert [r["batch"] for r in records] == list(range(6))
+    assert [r["broken"] for r in records] == [[k % 2] * 2 for k in range(6)]

@@ -240,3 +240,22 @@ def test_out_of_memory_during_an_attack_backs_off(defended, images, monkeypatch,
         result = evaluate(model, images, y, config, progress=False)
     assert "retrying with batch size" in caplog.text
     assert all(v is not None for v in result.per_example["apgd-ce"])  # every example was attacked
+
+
+def test_attacks_leave_no_parameter_gradients(defended, images):
+    """FAB calls backward(): with the parameters frozen for the evaluation nothing accumulates,
+    and requires_grad is restored afterwards."""
+    _, model, y = defended
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(before.values())
+    seen: list[bool] = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a: seen.append(any(p.requires_grad for p in m.parameters())))
+    try:
+        evaluate(model, images[:6], y[:6], AttackConfig(attacks=("fab-t",), fab_iters=2, fab_targets=1, eps=EPS),
+                 progress=False)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

@@ -8,9 +8,21 @@ import math
 import pytest
 import torch
 
-from robustify import MeanSparseConfig, bpda, calibrate, insert_meansparse, meansparse_modules, set_alpha
+from torch import nn
+
+from robustify import (
+    MeanSparseConfig,
+    bpda,
+    calibrate,
+    fuse_meansparse,
+    insert_meansparse,
+    meansparse_modules,
+    remove_meansparse,
+    set_alpha,
+    unfuse_meansparse,
+)
 from robustify.fast import autocast, compile_model
-from robustify.meansparse import MeanSparse, exact_bounds
+from robustify.meansparse import MeanSparse, MeanSparseReLU, _sparsify, _SparsifyReLU, exact_bounds
 
 INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -174,19 +186,83 @@ def test_bf16_autocast_keeps_float32_statistics(tiny_model) -> None:
             pass
 
 
+def _input_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xi = x.clone().requires_grad_(True)
+    out = model(xi)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(out, out.detach().argmax(1).roll(1)), xi)
+    return out.detach(), grad
+
+
 def test_compiled_model_matches_eager(tiny_model) -> None:
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     model = insert_meansparse(tiny_model, x[:2], MeanSparseConfig(alpha=0.3))
     calibrate(model, [x], progress=False)
-    compiled = compile_model(model)
-    with torch.no_grad():
-        eager = model(x)
-        out = compiled(x)
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
-    set_alpha(model, 0.0)  # a mode change recompiles (guard on the Python attribute), never stale
+    eager_out, eager_grad = _input_grad(model, x)
+    compiled = compile_model(model)  # fuses the three ReLU sites in place (the SiLU one stays)
+    assert sum(isinstance(m, MeanSparseReLU) for m in model.modules()) == 3
+    out, grad = _input_grad(compiled, x)
+    torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+    assert grad.abs().sum() > 0
+    with bpda(model):  # a mode change recompiles (guard on the Python attribute), never stale
+        torch.testing.assert_close(_input_grad(compiled, x)[1], _input_grad(model, x)[1], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(_input_grad(compiled, x)[1], eager_grad)
+    set_alpha(model, 0.0)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(compiled(x), eager)
+        assert not torch.allclose(compiled(x), eager_out)
+
+
+def test_fused_relu_gradient_equals_the_unfused_pair() -> None:
+    """The fused backward rebuilds the band from the ReLU output: exact on band edges, zero-width
+    bands, zero and negative means, NaN and infinities."""
+    m = _module(6, 1, 11, alpha=0.4)
+    with torch.no_grad():
+        m.mean[2] = -0.7  # a negative mean: the band maps to 0 after the ReLU
+        m.mean[0] = 0.9  # a positive mean with a zero-width band: x == mean keeps its gradient
+    x = _boundary_inputs(m, torch.float32, 4, 12)
+    mean, crop = m._traced_parameters(x)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(13))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused = _SparsifyReLU.apply(xa, mean, crop)
+    pair = torch.relu(_sparsify(xb, mean, crop))
+    assert torch.equal(fused, pair) or torch.allclose(fused, pair, equal_nan=True)
+    (ga,) = torch.autograd.grad(fused, xa, g)
+    (gb,) = torch.autograd.grad(pair, xb, g)
+    assert torch.equal(ga, gb)
+    inside = ((x - mean).abs() < crop)
+    assert inside.any() and (ga[inside] == 0).all()
+
+
+def test_fuse_keeps_state_outputs_and_gradients_and_undoes(tiny_model) -> None:
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    model = insert_meansparse(tiny_model, x[:2], MeanSparseConfig(alpha=0.3))
+    calibrate(model, [x], progress=False)
+    keys, sites = list(model.state_dict()), list(meansparse_modules(model))
+    out, grad = _input_grad(model, x)
+    assert fuse_meansparse(model) == 3
+    assert fuse_meansparse(model) == 0  # idempotent
+    assert list(model.state_dict()) == keys
+    assert list(meansparse_modules(model)) == sites and len(sites) == 4
+    fused_out, fused_grad = _input_grad(model, x)
+    assert torch.equal(fused_out, out) and torch.equal(fused_grad, grad)
+    calibrate(model, [x], progress=False)  # calibration mode still reaches the fused child
+    assert torch.equal(model(x), out)
+    assert unfuse_meansparse(model) == 3
+    assert not any(isinstance(m, MeanSparseReLU) for m in model.modules())
+    assert torch.equal(model(x), out)
+    fuse_meansparse(model)
+    remove_meansparse(model)
+    assert not meansparse_modules(model) and not any(isinstance(m, MeanSparseReLU) for m in model.modules())
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == 3
+
+
+def test_relus_with_hooks_of_their_own_are_not_fused(tiny_model) -> None:
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    model = insert_meansparse(tiny_model, x[:2], MeanSparseConfig(alpha=0.3))
+    calibrate(model, [x], progress=False)
+    model.act1.register_forward_hook(lambda mod, inp, out: None)
+    assert fuse_meansparse(model) == 2 and type(model.act1) is nn.ReLU
 
 
 def test_in_place_edits_of_the_buffers_are_picked_up() -> None:

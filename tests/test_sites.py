@@ -198,3 +198,34 @@ def test_skip_se_drops_squeeze_excitation_sites(spec: str, total: int, n_se: int
     kept = select_sites(gm, everything, skip_se=True)
     assert [s.name for s in kept] == [s.name for s in everything if s.name not in se]
     assert select_sites(gm, everything, skip_se=False) == everything
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        out += x  # in place, as ResNet blocks write their residual connection
+        out -= 0.5
+        out *= 2
+        out /= 3
+        return F.relu(out)
+
+
+def test_rewrite_keeps_in_place_arithmetic_in_place() -> None:
+    import operator
+
+    model = _Residual().eval()
+    rewritten = modularize(model)
+    targets = [n.target for n in rewritten.graph.nodes if n.op == "call_function"]
+    assert targets == [operator.iadd, operator.isub, operator.imul, operator.itruediv]
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(rewritten(x), model(x))
+    seen: list[torch.Tensor] = []
+    rewritten.conv.register_forward_hook(lambda m, i, o: seen.append(o) and None)
+    result = rewritten(x)
+    conv_out = model.conv(x)
+    assert not torch.equal(seen[0], conv_out)  # the conv output itself was updated in place...
+    assert torch.equal(result, F.relu(seen[0]))  # ...into the value the activation received
