@@ -4,7 +4,10 @@ Variants, interleaved round-robin (the starting variant rotates every repetition
 that load from other processes hits all of them alike:
 
 * ``base``: the model without MeanSparse (a separate copy, no hooks);
-* ``fast``: robustify's MeanSparse, eager fast path (alpha 0.2, every activation site);
+* ``fast``: robustify's MeanSparse, eager fast path (alpha 0.2, every activation site), as
+  ``insert_meansparse`` leaves the model;
+* ``fused``: the same after ``fuse_meansparse`` (what ``robustify evaluate`` attacks): ReLU
+  hosts rectify MeanSparse's output in place;
 * ``published``: the operator exactly as the published module computes it,
   ``torch.where(abs(x - mean) < crop, mean * ones_like(x), x)`` behind ``if threshold == 0``;
 * ``bpda``: the fast path in BPDA mode (identity backward), forward+backward only;
@@ -29,6 +32,7 @@ Writes ``benchmarks/results/bench_meansparse.csv`` (one row per model/metric/var
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import logging
@@ -176,8 +180,10 @@ def use_published(model: nn.Module, on: bool) -> None:
 
 
 # -- models ----------------------------------------------------------------------------------
-def build(spec: str, batch: int, alpha: float, device: torch.device) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """Base model, robustified copy (calibrated), inputs and labels."""
+def build(
+    spec: str, batch: int, alpha: float, device: torch.device
+) -> tuple[nn.Module, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """Base model, robustified copy (calibrated), a fused copy of that, inputs and labels."""
     kwargs: dict[str, object] = {}
     if spec == "aa-resnet18" and (SHARED / "models" / "resnet18_at_relu.pt").is_file():
         kwargs["weights"] = SHARED / "models" / "resnet18_at_relu.pt"
@@ -202,7 +208,9 @@ def build(spec: str, batch: int, alpha: float, device: torch.device) -> tuple[nn
     x, y = x.to(device), y.to(device)
     robust = rb.insert_meansparse(robust, x[:2], rb.MeanSparseConfig(alpha=alpha))
     rb.calibrate(robust, [x], progress=False)
-    return base, robust, x, y
+    fused = copy.deepcopy(robust)
+    rb.fuse_meansparse(fused)
+    return base, robust, fused, x, y
 
 
 def forward_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -242,7 +250,7 @@ class _Published:
 
 
 def bench_model(spec: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
-    base, robust, x, y = build(spec, batch, args.alpha, device)
+    base, robust, fused, x, y = build(spec, batch, args.alpha, device)
     n_sites = len(rb.meansparse_modules(robust))
     common = {
         "model": spec, "batch": batch, "alpha": args.alpha, "sites": n_sites, "device": device.type,
@@ -254,11 +262,13 @@ def bench_model(spec: str, batch: int, args: argparse.Namespace, device: torch.d
     with torch.no_grad():
         fast_out = robust(x)
         published_out = _Published(robust, lambda: robust(x))()
-    if not torch.equal(fast_out, published_out):
-        raise AssertionError(f"{spec}: fast path and published operator disagree")
+        fused_out = fused(x)
+    if not torch.equal(fast_out, published_out) or not torch.equal(fast_out, fused_out):
+        raise AssertionError(f"{spec}: fast path, fused path and published operator disagree")
     fwd = {
         "base": forward_fn(base, x),
         "fast": forward_fn(robust, x),
+        "fused": forward_fn(fused, x),
         "published": _Published(robust, forward_fn(robust, x)),
     }
     t0 = time.time()
@@ -267,6 +277,7 @@ def bench_model(spec: str, batch: int, args: argparse.Namespace, device: torch.d
     fb = {
         "base": forward_backward_fn(base, x, y),
         "fast": forward_backward_fn(robust, x, y),
+        "fused": forward_backward_fn(fused, x, y),
         "bpda": forward_backward_fn(robust, x, y, bpda=True),
         "published": _Published(robust, forward_backward_fn(robust, x, y)),
     }
