@@ -291,10 +291,8 @@ class MaskPenaltyPGD(Attack):
             self.model(x)
         masks = {}
         for site, z in captured.items():
-            m = modules[site]
-            shape = m._broadcast_shape(z.dim())
-            mask = (z - m.mean.view(shape)).abs() < m.crop.view(shape)
-            masks[site] = (z.detach(), mask)
+            mean, crop = modules[site]._traced_parameters(z)  # in z's dtype, as the forward (autocast too)
+            masks[site] = (z.detach(), (z - mean).abs() < crop)
         return masks
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -259,3 +259,27 @@ def test_attacks_leave_no_parameter_gradients(defended, images):
     assert seen and not any(seen)
     assert all(p.grad is None for p in model.parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_adaptive_mask_marks_exactly_the_entries_the_forward_replaced(defended, images, dtype):
+    """The mask-penalty attack penalises the entries MeanSparse replaced, in the dtype the
+    forward ran in (float32, or bfloat16 under autocast)."""
+    from robustify.attacks import MaskPenaltyPGD
+    from robustify.fast import autocast
+
+    _, model, _ = defended
+    attack = MaskPenaltyPGD(model, AttackConfig(eps=EPS), lam=1.0, name="adaptive")
+    context = autocast("cpu", dtype) if dtype is not None else torch.no_grad()
+    with context:
+        masks = attack._masks(images[:8])
+    modules = rb.meansparse_modules(model)
+    assert masks and set(masks) <= set(modules)
+    for site, (z, mask) in masks.items():
+        m = modules[site]
+        assert z.dtype == (dtype or torch.float32)
+        mean, crop = m._traced_parameters(z)
+        with torch.no_grad():
+            out = m(z)
+        replaced = (out != z) | ((z == mean) & (crop > 0))
+        assert torch.equal(mask, replaced) and mask.any(), site
