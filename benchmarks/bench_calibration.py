@@ -61,11 +61,11 @@ def _load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _model(alpha: float = 0.2, insert: bool = True) -> nn.Module:
+def _model(alpha: float = 0.2, insert: bool = True, device: torch.device = torch.device("cpu")) -> nn.Module:
     model, info = rb.load_model("aa-resnet18", weights=WEIGHTS if WEIGHTS.is_file() else None)
-    model.eval()
+    model.eval().to(device)
     if insert:
-        model = rb.insert_meansparse(model, info.example_input(), rb.MeanSparseConfig(alpha=alpha))
+        model = rb.insert_meansparse(model, info.example_input(device=device), rb.MeanSparseConfig(alpha=alpha))
     return model
 
 
@@ -79,9 +79,10 @@ def _old_batch_moments(x: torch.Tensor, channel_dim: int, shift: torch.Tensor | 
 
 
 def bench_calibration(args: argparse.Namespace, common: dict[str, object]) -> list[dict[str, object]]:
+    device = args.device
     x, _ = _load("train", args.images)
-    batches = list(x.split(args.batch))
-    base, robust = _model(insert=False), _model()
+    batches = [b.to(device) for b in x.split(args.batch)]
+    base, robust = _model(insert=False, device=device), _model(device=device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -100,7 +101,7 @@ def bench_calibration(args: argparse.Namespace, common: dict[str, object]) -> li
             rstats.batch_moments = new
 
     times = interleaved({"forward": forward, "calibrate": calibrate, "calibrate_float64_var_mean": calibrate_old},
-                        args.reps, torch.device("cpu"))
+                        args.reps, device)
     rows = []
     for name, t in times.items():
         ref = times["forward"]
@@ -114,17 +115,19 @@ def bench_calibration(args: argparse.Namespace, common: dict[str, object]) -> li
 
 
 def bench_alpha_sweep(args: argparse.Namespace, common: dict[str, object]) -> list[dict[str, object]]:
+    device = args.device
     xc, _ = _load("train", args.images)
     xt, yt = _load("test", args.eval_images)
+    xt, yt = xt.to(device), yt.to(device)
     alphas = [0.05, 0.1, 0.2, 0.3][: args.sweep]
-    calib = list(xc.split(args.batch))
+    calib = [b.to(device) for b in xc.split(args.batch)]
 
     def accuracy(model: nn.Module) -> float:
         with torch.no_grad():
             return float(torch.cat([model(b).argmax(1) for b in xt.split(args.batch)]).eq(yt).float().mean())
 
     def sweep() -> list[float]:
-        model = _model()
+        model = _model(device=device)
         rb.calibrate(model, calib, progress=False)
         out = []
         for a in alphas:
@@ -135,14 +138,14 @@ def bench_alpha_sweep(args: argparse.Namespace, common: dict[str, object]) -> li
     def separate() -> list[float]:
         out = []
         for a in alphas:
-            model = _model(alpha=a)
+            model = _model(alpha=a, device=device)
             rb.calibrate(model, calib, progress=False)
             out.append(accuracy(model))
         return out
 
     if sweep() != separate():
         raise AssertionError("the alpha sweep and separate runs give different accuracies")
-    times = interleaved({"separate_runs": separate, "sweep": sweep}, args.sweep_reps, torch.device("cpu"), warmup=0)
+    times = interleaved({"separate_runs": separate, "sweep": sweep}, args.sweep_reps, device, warmup=0)
     rows = []
     for name, t in times.items():
         rows.append({
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=256)
     p.add_argument("--torchrun-images", type=int, default=1024)
     p.add_argument("--sections", nargs="+", default=["calibration", "alpha_sweep", "torchrun"])
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cpu, then cuda too when available; torchrun runs on CPU/gloo)")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_calibration.csv")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -229,14 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{NPZ} not found: this benchmark uses the shared CIFAR-10 subset")
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = {"model": "aa-resnet18", "device": "cpu", "threads": torch.get_num_threads(), "reps": args.reps}
+    devices = [torch.device(args.device)] if args.device else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else []
+    )
     info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
     rows: list[dict[str, object]] = []
     sections = {"calibration": bench_calibration, "alpha_sweep": bench_alpha_sweep, "torchrun": bench_torchrun}
-    for name in args.sections:
-        t0 = time.time()
-        rows += sections[name](args, common)
-        logger.info("%s done in %.0f s", name, time.time() - t0)
+    for device in devices:
+        args.device = device
+        common = {"model": "aa-resnet18", "device": device.type, "threads": torch.get_num_threads(), "reps": args.reps}
+        for name in args.sections:
+            if name == "torchrun" and device.type != "cpu":
+                continue  # the torchrun section measures CPU processes (gloo)
+            t0 = time.time()
+            rows += sections[name](args, common)
+            logger.info("%s %s done in %.0f s", device.type, name, time.time() - t0)
     info["load_after"] = load_average()
     write_rows(args.out, [{**row, **info} for row in rows])
     for row in rows:

@@ -33,23 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def direct(model, x, y, iters, batch_size):  # type: ignore[no-untyped-def]
+def direct(model, x, y, iters, batch_size, device):  # type: ignore[no-untyped-def]
     from pyautoattack import AutoAttack
 
-    aa = AutoAttack(model, attacks=["apgd-ce"], version="custom", eps=8 / 255, seed=0)
+    x, y = x.to(device), y.to(device)
+    aa = AutoAttack(model, attacks=["apgd-ce"], version="custom", eps=8 / 255, seed=0, device=device)
     _set_apgd_iters(aa.apgd, iters)
     aa.apgd.n_restarts = 1  # AutoAttack's 'custom' version keeps the constructor's 5; robustify's default is 1
     start = time.perf_counter()
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    return time.perf_counter() - start, (y_adv != y).long().tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, (y_adv != y).long().cpu().tolist()
 
 
-def ours(model, x, y, iters, batch_size):  # type: ignore[no-untyped-def]
+def ours(model, x, y, iters, batch_size, device):  # type: ignore[no-untyped-def]
     out = Path(tempfile.mkdtemp())
     try:
         start = time.perf_counter()
         result = evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=iters, batch_size=batch_size),
-                          out_dir=out, progress=False)
+                          out_dir=out, progress=False, device=device)
         elapsed = time.perf_counter() - start
     finally:
         shutil.rmtree(out)
@@ -64,15 +67,17 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_overhead.csv"))
     args = p.parse_args()
-    model, _ = rb.load_model("aa-resnet18", weights=SHARED / "models" / "resnet18_at_relu.pt")
+    device = torch.device(args.device)
+    model, _ = rb.load_model("aa-resnet18", weights=SHARED / "models" / "resnet18_at_relu.pt", device=device)
     x, y = rb.to_tensors(rb.load_data(str(SHARED / "data" / "cifar10_subset.npz"), "test", n=args.n))
     times = {"pyautoattack": [], "robustify": []}
     flags = {}
     for _ in range(args.reps):
         for name, fn in (("pyautoattack", direct), ("robustify", ours)):
-            t, f = fn(model, x, y, args.iters, args.batch_size)
+            t, f = fn(model, x, y, args.iters, args.batch_size, device)
             times[name].append(t)
             flags[name] = f
     assert flags["pyautoattack"] == flags["robustify"], "per-example results differ"
@@ -80,7 +85,7 @@ def main() -> None:
     row = {
         "command": "python benchmarks/bench_eval_overhead.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__, "n_examples": args.n, "apgd_iters": args.iters, "reps": args.reps,
+        "torch": torch.__version__, "device": device.type, "n_examples": args.n, "apgd_iters": args.iters, "reps": args.reps,
         "pyautoattack_s_median": round(med["pyautoattack"], 3), "robustify_s_median": round(med["robustify"], 3),
         "overhead_ratio": round(med["robustify"] / med["pyautoattack"], 4),
         "all_pyautoattack_s": " ".join(f"{t:.3f}" for t in times["pyautoattack"]),
