@@ -70,7 +70,8 @@ def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    help="rebuild this leaderboard from every result next to --out when done")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="attack the torch.compile'd model (MeanSparse fused into ReLU; pays off on GPUs)")
+                   help="attack the torch.compile'd model (MeanSparse fused into ReLU): about a minute of "
+                        "compilation, then ~1.5x faster on CPU (benchmarks/results/compiled_eval.csv)")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast the attacked model (MeanSparse statistics stay float32)")
 

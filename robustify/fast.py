@@ -123,4 +123,6 @@ def for_evaluation(
     dtype = PRECISIONS[precision]
     if dtype is not None:
         model = AutocastModel(model, dtype, device)
-    return compile_model(model) if compile else model
+    # attacks call the model on shrinking subsets (APGD-T, FAB, the last batch): let dynamo
+    # turn a recompiled shape dynamic instead of compiling every batch size anew
+    return compile_model(model, dynamic=None) if compile else model

@@ -1,0 +1,105 @@
+"""Is ``--compile`` worth it? ``robustify.evaluate`` on the eager vs the compiled model.
+
+The adversarially trained ResNet-18 of ../shared/models with MeanSparse (alpha 0.2,
+calibrated on the shared CIFAR-10 training images), the first N test images, APGD-CE and
+BPDA-APGD-CE: one evaluation of the eager (fused) model and one of the compiled model
+(``robustify.fast.for_evaluation(compile=True)``), interleaved over the repetitions. The
+compiled wall time of the first repetition includes compilation; later ones reuse it (as a
+long evaluation would). Per-example agreement is reported (float32 rounding differs between
+the two, so an example on the edge of a band may differ).
+
+Reproduce: python benchmarks/bench_compiled_eval.py [--n 64 --iters 10 --reps 3 --threads 1]
+Writes ``benchmarks/results/compiled_eval.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_meansparse import SHARED, RESULTS, command_line, load_average, machine, write_rows  # noqa: E402
+
+import robustify as rb  # noqa: E402
+from robustify.attacks import AttackConfig  # noqa: E402
+from robustify.evaluate import evaluate  # noqa: E402
+from robustify.fast import for_evaluation  # noqa: E402
+
+logger = logging.getLogger("bench_compiled_eval")
+
+
+def _defended(device: torch.device) -> torch.nn.Module:
+    model, info = rb.load_model("aa-resnet18", weights=SHARED / "models" / "resnet18_at_relu.pt", device=device)
+    model = rb.insert_meansparse(model, info.example_input(device=device), rb.MeanSparseConfig(alpha=0.2))
+    calib = rb.load_data(str(SHARED / "data" / "cifar10_subset.npz"), "train", n=1024)
+    rb.calibrate(model, rb.loader(calib, batch_size=256), device=device, progress=False)
+    return model
+
+
+def _run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig,
+         device: torch.device) -> tuple[float, dict]:
+    out = Path(tempfile.mkdtemp())
+    try:
+        start = time.perf_counter()
+        result = evaluate(model, x, y, config, out_dir=out, progress=False, device=device)
+        return time.perf_counter() - start, result.per_example
+    finally:
+        shutil.rmtree(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS / "compiled_eval.csv")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
+    eager = for_evaluation(_defended(device), device=device)
+    compiled = for_evaluation(copy.deepcopy(eager), compile=True, device=device)
+    x, y = rb.to_tensors(rb.load_data(str(SHARED / "data" / "cifar10_subset.npz"), "test", n=args.n))
+    config = AttackConfig(attacks=("apgd-ce", "bpda-apgd-ce"), apgd_iters=args.iters, batch_size=args.batch_size)
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    flags: dict[str, dict] = {}
+    for rep in range(args.reps):
+        for name, model in (("eager", eager), ("compiled", compiled))[:: 1 if rep % 2 == 0 else -1]:
+            t, flags[name] = _run(model, x, y, config, device)
+            times[name].append(t)
+            logger.info("rep %d %s: %.1f s", rep, name, t)
+    agree = {a: sum(u == v for u, v in zip(flags["eager"][a], flags["compiled"][a])) / args.n
+             for a in flags["eager"]}
+    later = {k: statistics.median(v[1:]) if len(v) > 1 else v[0] for k, v in times.items()}
+    row = {
+        **info, "device": device.type, "threads": torch.get_num_threads(), "n_examples": args.n,
+        "apgd_iters": args.iters, "reps": args.reps, "attacks": ",".join(config.attacks),
+        "eager_first_s": times["eager"][0], "compiled_first_s_incl_compile": times["compiled"][0],
+        "eager_later_median_s": later["eager"], "compiled_later_median_s": later["compiled"],
+        "speedup_later": later["eager"] / later["compiled"],
+        "speedup_first": times["eager"][0] / times["compiled"][0],
+        **{f"agreement_{a}": v for a, v in agree.items()},
+        "load_after": load_average(),
+    }
+    write_rows(args.out, [row])
+    for k, v in row.items():
+        logger.info("%s: %s", k, v)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
