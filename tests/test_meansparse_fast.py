@@ -273,3 +273,24 @@ def test_in_place_edits_of_the_buffers_are_picked_up() -> None:
         m.mean.add_(0.3)
         m.crop.mul_(2.0)
     assert torch.equal(m(x), _reference(m, x))
+
+
+def test_for_evaluation_fuses_and_autocasts(tiny_model) -> None:
+    from robustify.fast import AutocastModel, for_evaluation
+
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(10))
+    model = insert_meansparse(tiny_model, x[:2], MeanSparseConfig(alpha=0.3))
+    calibrate(model, [x], progress=False)
+    with torch.no_grad():
+        reference = model(x)
+    wrapped = for_evaluation(model, precision="bfloat16")
+    assert isinstance(wrapped, AutocastModel) and wrapped.model is model
+    assert sum(isinstance(m, MeanSparseReLU) for m in model.modules()) == 3  # fused in place
+    assert len(meansparse_modules(wrapped)) == 4  # bpda()/defenses_disabled() reach them through the wrapper
+    with torch.no_grad():
+        out = wrapped(x)
+        assert torch.equal(for_evaluation(model)(x), reference)  # float32: fusing changes nothing
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)
+    torch.testing.assert_close(out, reference, rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="precision"):
+        for_evaluation(model, precision="int8")
