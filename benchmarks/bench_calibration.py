@@ -39,6 +39,7 @@ from bench_meansparse import (  # noqa: E402
     REPO,
     RESULTS,
     SHARED,
+    benchmark_devices,
     command_line,
     interleaved,
     load_average,
@@ -234,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{NPZ} not found: this benchmark uses the shared CIFAR-10 subset")
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [torch.device(args.device)] if args.device else [torch.device("cpu")] + (
-        [torch.device("cuda")] if torch.cuda.is_available() else []
-    )
+    devices = benchmark_devices(args.device)
     info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
     rows: list[dict[str, object]] = []
     sections = {"calibration": bench_calibration, "alpha_sweep": bench_alpha_sweep, "torchrun": bench_torchrun}

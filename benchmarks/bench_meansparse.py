@@ -88,6 +88,13 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+def benchmark_devices(requested: str | None) -> list[torch.device]:
+    """The requested device, or the CPU followed by CUDA when it is available."""
+    if requested:
+        return [torch.device(requested)]
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -330,9 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [torch.device(args.device)] if args.device else [torch.device("cpu")] + (
-        [torch.device("cuda")] if torch.cuda.is_available() else []
-    )
+    devices = benchmark_devices(args.device)
     info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
     rows: list[dict[str, object]] = []
     for device in devices:
