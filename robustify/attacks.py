@@ -291,7 +291,7 @@ class MaskPenaltyPGD(Attack):
             self.model(x)
         masks = {}
         for site, z in captured.items():
-            mean, crop = modules[site]._traced_parameters(z)  # in z's dtype, as the forward (autocast too)
+            mean, crop = modules[site].thresholds_like(z)  # in z's dtype, as the forward (autocast too)
             masks[site] = (z.detach(), (z - mean).abs() < crop)
         return masks
 

@@ -146,7 +146,7 @@ def insert_meansparse(
 
 def remove_meansparse(model: nn.Module) -> nn.Module:
     """Remove every inserted MeanSparse module and its hook (in place); fused ReLUs become ReLUs."""
-    _replace_children(model, lambda m: nn.ReLU(inplace=m.inplace) if type(m) is MeanSparseReLU else None)
+    unfuse_meansparse(model)
     for module in model.modules():
         hooks = getattr(module, "_forward_pre_hooks", {})
         for key in _our_hooks(module):

@@ -435,7 +435,7 @@ class MeanSparse(nn.Module):
         if self._alpha == 0.0:
             return x  # strict "<": a zero threshold selects nothing, exactly the identity
         if _is_tracing(x):
-            mean, crop = self._traced_parameters(x)
+            mean, crop = self.thresholds_like(x)
             if self.straight_through:
                 return _StraightThrough.apply(x, mean, crop)
             return _sparsify(x, mean, crop)
@@ -450,8 +450,9 @@ class MeanSparse(nn.Module):
             return _FastMasked.apply(x, prep)
         return _select_chunks(x, prep.lo, prep.hi, prep.mu, None)
 
-    def _traced_parameters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mean`` and ``crop`` shaped to broadcast against ``x`` and cast to its dtype."""
+    def thresholds_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``crop`` shaped to broadcast against ``x`` and cast to its dtype: the
+        reference formula is ``where(|x - mean| < crop, mean, x)`` with these."""
         shape = self._broadcast_shape(x.dim())
         return self.mean.view(shape).to(x.dtype), self.crop.view(shape).to(x.dtype)
 
@@ -489,7 +490,7 @@ class MeanSparseReLU(nn.ReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ms = self.meansparse
         if ms.sparsifying and _is_tracing(x):
-            return _SparsifyReLU.apply(x, *ms._traced_parameters(x))
+            return _SparsifyReLU.apply(x, *ms.thresholds_like(x))
         z = ms(x)
         # MeanSparse's output is a fresh tensor that nothing else keeps: rectify it in place
         # (one large allocation less per site); the identity modes return ``x`` itself

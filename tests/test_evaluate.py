@@ -278,7 +278,7 @@ def test_adaptive_mask_marks_exactly_the_entries_the_forward_replaced(defended, 
     for site, (z, mask) in masks.items():
         m = modules[site]
         assert z.dtype == (dtype or torch.float32)
-        mean, crop = m._traced_parameters(z)
+        mean, crop = m.thresholds_like(z)
         with torch.no_grad():
             out = m(z)
         replaced = (out != z) | ((z == mean) & (crop > 0))

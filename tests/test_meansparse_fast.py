@@ -221,7 +221,7 @@ def test_fused_relu_gradient_equals_the_unfused_pair() -> None:
         m.mean[2] = -0.7  # a negative mean: the band maps to 0 after the ReLU
         m.mean[0] = 0.9  # a positive mean with a zero-width band: x == mean keeps its gradient
     x = _boundary_inputs(m, torch.float32, 4, 12)
-    mean, crop = m._traced_parameters(x)
+    mean, crop = m.thresholds_like(x)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(13))
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     fused = _SparsifyReLU.apply(xa, mean, crop)
