@@ -179,9 +179,9 @@ def exact_bounds(mean: torch.Tensor, crop: torch.Tensor) -> tuple[torch.Tensor, 
 def _select_chunks(
     x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mu: torch.Tensor, keep: torch.Tensor | None
 ) -> torch.Tensor:
-    """``out = mu where lo < x <= hi else x`` for a contiguous ``x`` of shape ``(N, ...)`` whose
-    flattened samples have ``R`` values, bounds of shape ``(R,)``; ``out`` has ``x``'s shape
-    (a base tensor, not a view, so that it may be modified in place).
+    """``out = mu where lo < x <= hi else x`` for a contiguous ``x`` seen as rows of ``R`` values
+    (a whole sample, or one position's channels when they are last), bounds of shape ``(R,)``;
+    ``out`` has ``x``'s shape (a base tensor, not a view, so that it may be modified in place).
 
     The sign bit of ``lo - x`` is set iff ``x > lo`` and that of ``hi - x`` iff ``x > hi``
     (exact in IEEE arithmetic: a non-zero difference never rounds to zero and keeps its
@@ -191,7 +191,7 @@ def _select_chunks(
     on the bit patterns. ``keep`` (int8, like ``x2``) optionally receives the complement
     mask for the backward pass.
     """
-    x2 = x.view(x.shape[0], -1)
+    x2 = x.view(-1, lo.numel())
     n, r = x2.shape
     itype = _INT_VIEW[x2.dtype]
     esize = x2.element_size()
@@ -237,7 +237,7 @@ class _FastMasked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, prep: _Prepared) -> torch.Tensor:  # type: ignore[override]
-        keep = torch.empty((x.shape[0], x[0].numel()), dtype=torch.int8, device=x.device)
+        keep = torch.empty(x.shape, dtype=torch.int8, device=x.device).view(-1, prep.lo.numel())
         out = _select_chunks(x, prep.lo, prep.hi, prep.mu, keep)
         ctx.save_for_backward(keep)
         return out
@@ -351,7 +351,10 @@ class MeanSparse(nn.Module):
                 bounds = exact_bounds(mean, crop)
                 if bounds is None or x.dim() < 2 or self.channel_dim % x.dim() == 0:
                     prep = _Prepared(None, None, None, mean, crop)
-                else:
+                elif self.channel_dim % x.dim() == x.dim() - 1:  # channels last: one bound per channel
+                    lo, hi, mu = (t.reshape(-1).contiguous() for t in (*bounds, mean))
+                    prep = _Prepared(lo, hi, mu, mean, crop)
+                else:  # channels inside a sample: bounds for every value of a sample
                     full = tuple(x.shape[1:])
                     lo, hi, mu = (t.expand(full).contiguous().view(-1) for t in (*bounds, mean))
                     prep = _Prepared(lo, hi, mu, mean, crop)
