@@ -212,7 +212,7 @@ def test_main_job_offline_says_how_to_use_local_data(tmp_path, capsys, monkeypat
 def test_precision_and_compile_flags(npz, tmp_path):
     """--precision autocasts the attacked model (recorded in the result and the leaderboard);
     --compile attacks the compiled, fused model and agrees with the eager run."""
-    common = ["--defense", "meansparse", "--alpha", "0.3", "--attacks", "apgd-ce,bpda"]
+    common = ["--defense", "meansparse", "--alpha", "0.3", "--attacks", "apgd-ce,bpda,adaptive,transfer"]
     assert _evaluate(npz, tmp_path / "res" / "eager", *common) == 0
     assert _evaluate(npz, tmp_path / "res" / "bf16", *common, "--precision", "bfloat16",
                      "--leaderboard-dir", str(tmp_path / "lb")) == 0
