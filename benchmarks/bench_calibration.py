@@ -62,7 +62,7 @@ def _load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _model(alpha: float = 0.2, insert: bool = True, device: torch.device = torch.device("cpu")) -> nn.Module:
+def _model(alpha: float = 0.2, insert: bool = True, device: torch.device | str = "cpu") -> nn.Module:
     model, info = rb.load_model("aa-resnet18", weights=WEIGHTS if WEIGHTS.is_file() else None)
     model.eval().to(device)
     if insert:

@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("robustify")

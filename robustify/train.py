@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .activations import ActivationConfig, ParametricActivation, PSSiLU, load_activations, save_activations, swap_activations
 from .io import atomic_path
-from .sparta import Sparta, SpartaConfig, insert_sparta, load_sparta, read_sidecar, save_sparta, sparta_modules
+from .sparta import SpartaConfig, insert_sparta, load_sparta, read_sidecar, save_sparta, sparta_modules
 from .state import StateMismatchError
 
 logger = logging.getLogger(__name__)

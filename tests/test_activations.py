@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import robustify
 from robustify.activations import (
     ActivationConfig,
     PSSiLU,

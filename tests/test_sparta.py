@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import robustify
 from robustify.insert import InsertionError
 from robustify.sparta import (
     Sparta,
