@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import SerializableConfig
 from .insert import InsertionError
-from .sites import Site, modularize, plan_sites, register_activation, select_sites
+from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
 from .sparta import read_defense_file, write_defense_file
 from .state import StateMismatchError
 
@@ -179,12 +179,6 @@ def parametric_modules(model: nn.Module) -> dict[str, ParametricActivation]:
 # ------------------------------------------------------------------------------------------
 # swapping
 # ------------------------------------------------------------------------------------------
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
-
-
 def plan_swap(
     model: nn.Module, example: torch.Tensor, config: ActivationConfig | None = None
 ) -> tuple[nn.Module, list[Site]]:
@@ -212,7 +206,7 @@ def _install(prepared: nn.Module, names: Sequence[str], config: ActivationConfig
             module = first.shared_copy()  # type: ignore[union-attr]
         else:
             module = make_activation(config).to(device)
-        _set_submodule(prepared, name, module)
+        set_submodule(prepared, name, module)
 
 
 def swap_activations(

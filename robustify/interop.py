@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .meansparse import MeanSparse
-from .sites import forward_once
+from .sites import forward_once, set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ def _channel_dim(name: str, module: nn.Module, shape: tuple[int, ...] | None) ->
     return 1 if len(shape) > 1 and shape[1] == channels else -1  # the published rule
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _convert_one(name: str, module: nn.Module, channel_dim: int, ndim: int) -> MeanSparse:
     mean = module.running_mean.detach()
     var = module.running_var.detach()
@@ -129,6 +123,6 @@ def convert_published_meansparse(model: nn.Module, example: torch.Tensor | None 
         ndim = len(shape) if shape is not None else (3 if _fixed_layout(module) == -1 else 4)
         replacements[name] = _convert_one(name, module, _channel_dim(name, module, shape), ndim)
     for name, new in replacements.items():
-        _replace(model, name, new)
+        set_submodule(model, name, new)
     logger.info("converted %d published MeanSparse module(s) of %s", len(published), type(model).__name__)
     return model

@@ -43,6 +43,7 @@ __all__ = [
     "probe",
     "register_activation",
     "select_sites",
+    "set_submodule",
 ]
 
 # Activation module classes, matched exactly by class (timm's GELU is not an nn.GELU) or by
@@ -119,6 +120,13 @@ class Site:
 # --------------------------------------------------------------------------------------
 # 1. functional calls and shared modules -> one activation module per call (torch.fx)
 # --------------------------------------------------------------------------------------
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at the dotted path ``name`` (``nn.Module.set_submodule`` needs torch 2.5)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
 class _InPlaceProxy(fx.Proxy):
     """A proxy that records ``a += b`` (and ``-=``, ``*=``, ``/=``) as in-place operations.
 

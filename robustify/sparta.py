@@ -53,7 +53,7 @@ from . import __version__
 from .config import SerializableConfig
 from .insert import InsertionError
 from .io import atomic_path, write_json
-from .sites import Site, modularize, plan_sites, register_activation, select_sites
+from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
 from .state import StateMismatchError, sidecar_path
 
 logger = logging.getLogger(__name__)
@@ -355,12 +355,6 @@ def plan_sparta(
     return prepared, chosen
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
-
-
 def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
     return next((p.device for p in model.parameters()), fallback)
 
@@ -382,7 +376,7 @@ def insert_sparta(
         if site.activation not in ("ReLU", "Sparta"):
             logger.warning("Sparta replaces a %s at %s by gated %s", site.activation, site.name, config.base)
         module = Sparta(site.channels, site=site.name, **config.module_kwargs())
-        _set_submodule(prepared, site.name, module.to(device))
+        set_submodule(prepared, site.name, module.to(device))
     logger.info(
         "inserted Sparta (%s, N=%d) at %d site(s): %s",
         config.variant, config.neighborhood, len(sites), ", ".join(f"{s.name} (C={s.channels})" for s in sites),
@@ -537,6 +531,6 @@ def load_sparta(
                 f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})"
             )
         module.requires_grad_(not freeze)
-        _set_submodule(prepared, site.name, module.to(device))
+        set_submodule(prepared, site.name, module.to(device))
     logger.info("loaded Sparta from %s into %d site(s)%s", path, len(targets), " (frozen)" if freeze else "")
     return prepared
