@@ -358,10 +358,8 @@ def _run_phase(
             fresh = compute(k, chunks[k])
             journal.append(fresh)
         if world > 1:
-            import torch.distributed as dist
-
             everyone: list[Any] = [None] * world
-            dist.all_gather_object(everyone, fresh)
+            torch.distributed.all_gather_object(everyone, fresh)
             for other, rec in enumerate(everyone):
                 if other != me and rec is not None:
                     journal.append(rec)

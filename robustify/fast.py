@@ -125,4 +125,4 @@ def for_evaluation(
         model = AutocastModel(model, dtype, device)
     # attacks call the model on shrinking subsets (APGD-T, FAB, the last batch): let dynamo
     # turn a recompiled shape dynamic instead of compiling every batch size anew
-    return compile_model(model, dynamic=None) if compile else model
+    return compile_model(model, dynamic=None, fuse=False) if compile else model  # fused above
