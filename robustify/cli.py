@@ -56,7 +56,9 @@ def add_meansparse_args(p: argparse.ArgumentParser) -> None:
                    help="per-site thresholds overriding --alpha, e.g. 'relu_0=0.1,layer4.1.relu_1=0.3'")
     p.add_argument("--include", action="append", default=None, help="glob of site names to use (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="glob of site names to skip (repeatable)")
-    p.add_argument("--preset", default="all", help="placement preset: all, no-final")
+    p.add_argument("--outputs", action="append", default=[],
+                   help="glob of module names whose output gets a MeanSparse site, e.g. 'layer.*.block.?' (repeatable)")
+    p.add_argument("--preset", default="all", help="placement preset: all, no-final, published")
     p.add_argument("--skip-se", action=argparse.BooleanOptionalAction, default=True,
                    help="skip activations inside squeeze-and-excitation blocks")
     p.add_argument("--channel-dim", type=int, default=None, help="force the channel axis of every site")
@@ -80,6 +82,7 @@ def meansparse_config(args: argparse.Namespace) -> Any:
         site_alpha=parse_site_alpha(args.site_alpha) if args.site_alpha else {},
         include=tuple(args.include or ("*",)),
         exclude=tuple(args.exclude),
+        outputs=tuple(args.outputs),
         skip_se=args.skip_se,
         preset=args.preset,
         channel_dim=args.channel_dim,
@@ -121,7 +124,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"{len(sites)} site(s) in {info.spec}:")
         for s in sites:
-            print(f"  {s.name:40s} {s.activation:10s} dim={s.channel_dim:<3d} C={s.channels}")
+            where = s.activation if s.position == "input" else f"out:{s.activation}"
+            print(f"  {s.name:40s} {where:10s} dim={s.channel_dim:<3d} C={s.channels}")
     return 0
 
 

@@ -66,10 +66,14 @@ class MeanSparseConfig(SerializableConfig):
             (:func:`robustify.set_alpha`) never needs recalibration.
         include: glob patterns of site names to use (default: all).
         exclude: glob patterns of site names to skip.
+        outputs: glob patterns (``fnmatch``, ``*`` crosses dots) of module names whose *output*
+            gets a MeanSparse site (e.g. ``layer.*.block.?`` for residual blocks), in addition
+            to the activation sites; a pattern that matches no module is an error.
         skip_se: skip activations inside squeeze-and-excitation blocks (as the paper does).
         site_alpha: per-site thresholds overriding ``alpha`` (site name -> alpha); naming a
             site the plan does not select is an error at insertion.
-        preset: placement preset, see :data:`robustify.sites.PRESETS`.
+        preset: placement preset, see :data:`robustify.sites.PRESETS`; ``"published"``
+            reproduces the published MeanSparse models' placement (see :mod:`robustify.published`).
         channel_dim: force the channel axis of every site (default: inferred per site).
         stats_mode: "exact" (merged float64 moments) or "official" (the published code's
             average of per-batch statistics, for reproduction only).
@@ -79,6 +83,7 @@ class MeanSparseConfig(SerializableConfig):
     alpha: float = 0.0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
     skip_se: bool = True
     preset: str = "all"
     channel_dim: int | None = None
@@ -89,7 +94,7 @@ class MeanSparseConfig(SerializableConfig):
         check_alpha(self.alpha)
         if self.stats_mode not in ("exact", "official"):
             raise ValueError(f"stats_mode must be 'exact' or 'official', got {self.stats_mode!r}")
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "outputs"):
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
                 raise TypeError(f"{name} must be a sequence of glob patterns, got {patterns!r}")

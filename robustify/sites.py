@@ -13,6 +13,9 @@ Three steps, all without per-model code:
 3. :func:`plan_sites` turns that into :class:`Site` records with the channel axis (dim 1 for
    conv feature maps, the last dim for token/channels-last tensors fed by a ``Linear``)
    and applies the include/exclude patterns.
+
+Besides activation inputs, a site can be the *output* of any named module (a residual block's
+sum, a ``Linear``): :func:`plan_output_sites` describes those, in the same forward order.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import operator
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ __all__ = [
     "Site",
     "is_activation",
     "modularize",
+    "plan_output_sites",
     "plan_sites",
     "forward_once",
     "probe",
@@ -101,7 +105,12 @@ def is_activation(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Site:
-    """One activation call: where it is, what it is and how its channels are laid out."""
+    """One activation call, or one module's output: where it is, what it is and its channel layout.
+
+    ``position`` is ``"input"`` for the input of activation ``name`` (``activation`` is its
+    class) and ``"output"`` for the output of module ``name`` (``activation`` is that
+    module's class).
+    """
 
     name: str
     activation: str
@@ -110,6 +119,7 @@ class Site:
     input_shape: tuple[int, ...]
     order: int
     owner_class: str = ""
+    position: str = "input"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -381,7 +391,9 @@ def _owner_classes(model: nn.Module, name: str) -> list[str]:
 # --------------------------------------------------------------------------------------
 PRESETS: dict[str, str] = {
     "all": "every activation call (MeanSparse's 'before every activation')",
-    "no-final": "every activation call except the last one in forward order (RobustBench's RaWRN inserter)",
+    "no-final": "every activation call except the last one in forward order (the final pre-pooling activation)",
+    "published": "the published MeanSparse models' modules and positions, per architecture family "
+    "(robustify.published; an architecture without a published rule is an error)",
 }
 
 
@@ -447,3 +459,92 @@ def select_sites(
             continue
         selected.append(site)
     return selected
+
+
+def _output_probe(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[_Observation, int]]:
+    """One forward pass: per module of ``names``, its output's observation and the number of
+    distinct activation modules that had received an input before that output was produced."""
+    wanted = set(names)
+    observations: dict[str, tuple[_Observation, int]] = {}
+    activations_seen: set[str] = set()
+    last_leaf: list[nn.Module | None] = [None]
+    handles = []
+
+    def leaf_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if _producer_width(module) is not None:  # Identity/Dropout/DropPath keep the layout
+            last_leaf[0] = module
+
+    def make_activation_hook(name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            activations_seen.add(name)
+
+        return pre_hook
+
+    def make_output_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if name in observations:
+                observations[name][0].calls += 1
+                return
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(
+                    f"module {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor: "
+                    "its output cannot be a MeanSparse site"
+                )
+            producer = module if _producer_width(module) is not None else last_leaf[0]
+            observations[name] = (_Observation(tuple(output.shape), producer, len(observations)), len(activations_seen))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if is_activation(module):
+            handles.append(module.register_forward_pre_hook(make_activation_hook(name)))
+        elif not list(module.children()):
+            handles.append(module.register_forward_hook(leaf_hook))
+        if name in wanted:
+            handles.append(module.register_forward_hook(make_output_hook(name)))
+    forward_once(model, example, handles)
+    return observations
+
+
+def plan_output_sites(
+    model: nn.Module,
+    example: torch.Tensor,
+    names: Sequence[str],
+    activation_sites: Sequence[Site] = (),
+    channel_dim: int | None = None,
+) -> list[Site]:
+    """Describe the output sites of modules ``names`` and merge them with ``activation_sites``.
+
+    Returns every site (activation inputs and module outputs) in forward order, ``order``
+    renumbered from 0. A module that does not run exactly once per forward, or does not
+    return a tensor, is an error.
+    """
+    observations = _output_probe(model, example, names)
+    modules = dict(model.named_modules())
+    keyed: list[tuple[float, int, Site]] = [(float(s.order), 0, s) for s in activation_sites]
+    for name in names:
+        if name not in observations:
+            raise ValueError(
+                f"module {name!r} ({type(modules[name]).__name__}) did not run in the forward pass "
+                "(a container whose forward torch.fx inlined, or an unused module): its output cannot be a site"
+            )
+        obs, after = observations[name]
+        if obs.calls > 1:
+            raise ValueError(f"module {name!r} runs {obs.calls} times per forward: its output is not one site")
+        cdim = _channel_dim(obs) if channel_dim is None else channel_dim
+        if not -len(obs.shape) <= cdim < len(obs.shape):
+            raise ValueError(f"channel_dim {cdim} is out of range for site {name!r}, whose output has shape {obs.shape}")
+        owners = _owner_classes(model, name)
+        site = Site(
+            name=name,
+            activation=type(modules[name]).__name__,
+            channel_dim=cdim,
+            channels=int(obs.shape[cdim]),
+            input_shape=obs.shape,
+            order=obs.order,
+            owner_class=owners[-1] if owners else "",
+            position="output",
+        )
+        keyed.append((after - 0.5, 1 + obs.order, site))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return [replace(site, order=i) for i, (_, _, site) in enumerate(keyed)]
