@@ -131,6 +131,12 @@ def _with_channel_dim(site: Site, cdim: int) -> Site:
     return replace(site, channel_dim=cdim, channels=int(site.input_shape[cdim]))
 
 
+def _count(sites: list[Site]) -> str:
+    outputs = sum(s.position == "output" for s in sites)
+    text = f"{len(sites) - outputs} activation site(s)"
+    return text + (f" and {outputs} module output site(s)" if outputs else "")
+
+
 def plan(
     model: nn.Module, example: torch.Tensor, config: MeanSparseConfig | None = None
 ) -> tuple[nn.Module, list[Site]]:
@@ -161,7 +167,7 @@ def plan(
     selected = select_sites(prepared, everything, include=config.include, exclude=config.exclude, skip_se=config.skip_se)
     if not selected:
         raise InsertionError(
-            f"the insertion plan changes nothing: {len(everything)} site(s) found in "
+            f"the insertion plan changes nothing: {_count(everything)} found in "
             f"{type(model).__name__}, but include={list(config.include)}, exclude={list(config.exclude)}, "
             f"preset={config.preset!r}, skip_se={config.skip_se} select none of them"
         )

@@ -42,3 +42,11 @@ def seeded_resnet18() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model, info = robustify.load_model("aa-resnet18", pretrained=False)
     return model, info.example_input()
+
+
+def small_dm_wrn() -> nn.Module:
+    """RobustBench's DMWideResNet (SiLU) at depth 10, width 1: 3 residual blocks, random init, seed 0."""
+    from robustbench.model_zoo.architectures.dm_wide_resnet import DMWideResNet
+
+    torch.manual_seed(0)
+    return DMWideResNet(num_classes=10, depth=10, width=1, activation_fn=nn.SiLU).eval()
