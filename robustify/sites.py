@@ -295,7 +295,6 @@ def probe(model: nn.Module, example: torch.Tensor) -> dict[str, _Observation]:
     """Run ``model(example)`` once and record every activation module's input."""
     observations: dict[str, _Observation] = {}
     last_leaf: list[nn.Module | None] = [None]
-    handles = []
 
     def leaf_hook(module: nn.Module, args: Any, output: Any) -> None:
         last_leaf[0] = module
@@ -310,13 +309,22 @@ def probe(model: nn.Module, example: torch.Tensor) -> dict[str, _Observation]:
 
         return pre_hook
 
+    handles = _hook_activations_and_leaves(model, make_pre_hook, leaf_hook)
+    forward_once(model, example, handles)
+    return observations
+
+
+def _hook_activations_and_leaves(
+    model: nn.Module, make_pre_hook: Callable[[str], Callable[..., None]], leaf_hook: Callable[..., None]
+) -> list[Any]:
+    """A forward pre-hook on every activation module, a forward hook on every other leaf."""
+    handles = []
     for name, module in model.named_modules():
         if is_activation(module):
             handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
         elif not list(module.children()):
             handles.append(module.register_forward_hook(leaf_hook))
-    forward_once(model, example, handles)
-    return observations
+    return handles
 
 
 def forward_once(model: nn.Module, example: torch.Tensor, handles: Sequence[Any] = ()) -> None:
@@ -397,6 +405,17 @@ PRESETS: dict[str, str] = {
 }
 
 
+def _site(model: nn.Module, module: nn.Module, name: str, obs: _Observation, channel_dim: int | None,
+          position: str) -> Site:
+    """The :class:`Site` at the ``position`` ("input"/"output") of ``module`` observed as ``obs``."""
+    cdim = _channel_dim(obs) if channel_dim is None else channel_dim
+    if not -len(obs.shape) <= cdim < len(obs.shape):
+        raise ValueError(f"channel_dim {cdim} is out of range for site {name!r}, whose {position} has shape {obs.shape}")
+    owners = _owner_classes(model, name)
+    return Site(name=name, activation=type(module).__name__, channel_dim=cdim, channels=int(obs.shape[cdim]),
+                input_shape=obs.shape, order=obs.order, owner_class=owners[-1] if owners else "", position=position)
+
+
 def plan_sites(model: nn.Module, example: torch.Tensor, channel_dim: int | None = None) -> list[Site]:
     """Describe every activation site of an already :func:`modularize`-d model.
 
@@ -411,23 +430,7 @@ def plan_sites(model: nn.Module, example: torch.Tensor, channel_dim: int | None 
                 f"activation module {name!r} is called {obs.calls} times per forward; separating the "
                 "call sites needs torch.fx, which could not trace this model (see the warning above)"
             )
-        cdim = _channel_dim(obs) if channel_dim is None else channel_dim
-        if not -len(obs.shape) <= cdim < len(obs.shape):
-            raise ValueError(
-                f"channel_dim {cdim} is out of range for site {name!r}, whose input has shape {obs.shape}"
-            )
-        owners = _owner_classes(model, name)
-        sites.append(
-            Site(
-                name=name,
-                activation=type(modules[name]).__name__,
-                channel_dim=cdim,
-                channels=int(obs.shape[cdim]),
-                input_shape=obs.shape,
-                order=obs.order,
-                owner_class=owners[-1] if owners else "",
-            )
-        )
+        sites.append(_site(model, modules[name], name, obs, channel_dim, "input"))
     return sites
 
 
@@ -446,6 +449,8 @@ def select_sites(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown placement preset {preset!r}; choose from {sorted(PRESETS)}")
+    if preset == "published":
+        raise ValueError("the 'published' preset needs the model's architecture family: use robustify.insert.plan")
     candidates = list(sites)
     if preset == "no-final" and candidates:
         candidates = candidates[:-1]
@@ -464,11 +469,9 @@ def select_sites(
 def _output_probe(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[_Observation, int]]:
     """One forward pass: per module of ``names``, its output's observation and the number of
     distinct activation modules that had received an input before that output was produced."""
-    wanted = set(names)
     observations: dict[str, tuple[_Observation, int]] = {}
     activations_seen: set[str] = set()
     last_leaf: list[nn.Module | None] = [None]
-    handles = []
 
     def leaf_hook(module: nn.Module, args: Any, output: Any) -> None:
         if _producer_width(module) is not None:  # Identity/Dropout/DropPath keep the layout
@@ -495,13 +498,9 @@ def _output_probe(model: nn.Module, example: torch.Tensor, names: Sequence[str])
 
         return hook
 
-    for name, module in model.named_modules():
-        if is_activation(module):
-            handles.append(module.register_forward_pre_hook(make_activation_hook(name)))
-        elif not list(module.children()):
-            handles.append(module.register_forward_hook(leaf_hook))
-        if name in wanted:
-            handles.append(module.register_forward_hook(make_output_hook(name)))
+    handles = _hook_activations_and_leaves(model, make_activation_hook, leaf_hook)
+    modules = dict(model.named_modules())
+    handles += [modules[name].register_forward_hook(make_output_hook(name)) for name in names]
     forward_once(model, example, handles)
     return observations
 
@@ -531,20 +530,6 @@ def plan_output_sites(
         obs, after = observations[name]
         if obs.calls > 1:
             raise ValueError(f"module {name!r} runs {obs.calls} times per forward: its output is not one site")
-        cdim = _channel_dim(obs) if channel_dim is None else channel_dim
-        if not -len(obs.shape) <= cdim < len(obs.shape):
-            raise ValueError(f"channel_dim {cdim} is out of range for site {name!r}, whose output has shape {obs.shape}")
-        owners = _owner_classes(model, name)
-        site = Site(
-            name=name,
-            activation=type(modules[name]).__name__,
-            channel_dim=cdim,
-            channels=int(obs.shape[cdim]),
-            input_shape=obs.shape,
-            order=obs.order,
-            owner_class=owners[-1] if owners else "",
-            position="output",
-        )
-        keyed.append((after - 0.5, 1 + obs.order, site))
+        keyed.append((after - 0.5, 1 + obs.order, _site(model, modules[name], name, obs, channel_dim, "output")))
     keyed.sort(key=lambda k: (k[0], k[1]))
     return [replace(site, order=i) for i, (_, _, site) in enumerate(keyed)]
