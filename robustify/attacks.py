@@ -20,6 +20,7 @@ undefended base model, evaluated on the defended one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -30,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import parse_eps
+from .config import format_eps, parse_eps
 from .meansparse import bpda, defenses_disabled, meansparse_modules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTACKS", "Attack", "AttackConfig", "build_attack", "expand_attacks"]
+__all__ = ["ATTACKS", "DEFAULT_EPS", "Attack", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "build_attack",
+           "default_eps", "expand_attacks", "threat_norm"]
 
 STANDARD = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 ADAPTIVE = ("bpda-apgd-ce", "bpda-apgd-dlr", "adaptive", "pgd", "transfer")
@@ -46,21 +48,62 @@ ALIASES = {
 }
 NORMS = {
     "apgd-ce": ("Linf", "L2", "L1"), "apgd-dlr": ("Linf", "L2", "L1"), "apgd-t": ("Linf", "L2", "L1"),
-    "fab-t": ("Linf", "L2", "L1"), "square": ("Linf", "L2"), "bpda-apgd-ce": ("Linf", "L2", "L1"),
+    "fab-t": ("Linf", "L2", "L1"), "square": ("Linf", "L2", "L1"), "bpda-apgd-ce": ("Linf", "L2", "L1"),
     "bpda-apgd-dlr": ("Linf", "L2", "L1"), "adaptive": ("Linf", "L2"), "pgd": ("Linf", "L2"),
     "transfer": ("Linf", "L2", "L1"),
 }
 WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "pgd")
 BLACK_BOX = ("square", "transfer")
+#: AutoAttack's standard version, in its order: the suite behind an ``autoattack_acc``
+AUTOATTACK_SUITE = ALIASES["autoattack"]
+#: the order attacks run in (sequential mode) whatever order they are given in: AutoAttack's standard
+#: suite, the other standard attacks, then the adaptive ones
+RUN_ORDER = AUTOATTACK_SUITE + tuple(a for a in STANDARD if a not in AUTOATTACK_SUITE)
+
+#: RobustBench's eps per (dataset, threat model); L1: AutoAttack's L1 evaluation (Croce & Hein 2021) on CIFAR
+DEFAULT_EPS: dict[tuple[str, str], float] = {
+    ("cifar10", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5, ("cifar10", "L1"): 12.0,
+    ("cifar100", "Linf"): 8 / 255, ("cifar100", "L2"): 0.5, ("cifar100", "L1"): 12.0,
+    ("imagenet", "Linf"): 4 / 255,
+}
+
+
+def threat_norm(threat_model: str) -> str:
+    """The norm attacks use for a RobustBench threat model (``corruptions``: Linf)."""
+    return threat_model if threat_model in ("Linf", "L2", "L1") else "Linf"
+
+
+def default_eps(dataset: str, norm: str) -> float:
+    """RobustBench's eps for ``dataset`` under ``norm`` (:data:`DEFAULT_EPS`)."""
+    try:
+        return DEFAULT_EPS[(dataset, norm)]
+    except KeyError:
+        raise ValueError(f"no default eps for {dataset} {norm} (RobustBench has no such leaderboard): "
+                         "give one (--eps)") from None
+
+
+@functools.lru_cache(maxsize=None)
+def autoattack_budgets(norm: str) -> dict[str, int]:
+    """AutoAttack's standard-version budgets for ``norm`` as :class:`AttackConfig` fields, read from
+    pyautoattack's own ``AutoAttack(version="standard")`` (L1: 5 APGD restarts, 5 target classes)."""
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(nn.Identity(), norm=norm, eps=1.0, version="standard")  # the model is not called
+    return {"apgd_iters": aa.apgd.n_iter, "apgd_restarts": aa.apgd.n_restarts, "apgd_t_iters": aa.apgd_targeted.n_iter,
+            "apgd_t_targets": aa.apgd_targeted.n_target_classes, "fab_iters": aa.fab.n_iter,
+            "fab_targets": aa.fab.n_target_classes, "square_queries": aa.square.n_queries}
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """Threat model, attack list and budgets. Defaults are the published ones.
 
-    ``apgd_iters``/``apgd_restarts`` apply to APGD-CE/DLR (and their BPDA versions);
-    AutoAttack's standard version uses 100 iterations, 1 restart, 9 target classes for
-    APGD-T and FAB-T, and 5000 queries for Square. The adaptive attack uses 50 steps
+    ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
+    Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255). Attacks run in :data:`RUN_ORDER`
+    whatever order they are listed in. ``apgd_iters``/``apgd_restarts`` apply to APGD-CE/DLR
+    (and their BPDA versions); AutoAttack's standard version uses 100 iterations, 1 restart
+    (5 for L1), 9 target classes for APGD-T (5 for L1) and FAB-T, and 5000 queries for
+    Square (None: these, :func:`autoattack_budgets`). The adaptive attack uses 50 steps
     (MeanSparse paper, A.4); its lambda and step size were not published (we default to
     lambda=1 and a step of 2.5*eps/steps).
     """
@@ -68,14 +111,15 @@ class AttackConfig:
     VERSION: ClassVar[int] = 1
     attacks: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
     norm: str = "Linf"
-    eps: float = 8 / 255
+    dataset: str = "cifar10"
+    eps: float | str | None = None
     seed: int = 0
     batch_size: int = 128
     individual: bool = False
     apgd_iters: int = 100
-    apgd_restarts: int = 1
+    apgd_restarts: int | None = None
     apgd_t_iters: int = 100
-    apgd_t_targets: int = 9
+    apgd_t_targets: int | None = None
     fab_iters: int = 100
     fab_targets: int = 9
     square_queries: int = 5000
@@ -84,9 +128,16 @@ class AttackConfig:
     adaptive_step_size: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", parse_eps(self.eps))
         if self.norm not in ("Linf", "L2", "L1"):
             raise ValueError(f"unknown threat model {self.norm!r}; choose Linf, L2 or L1")
+        if self.eps is None:
+            object.__setattr__(self, "eps", default_eps(self.dataset, self.norm))
+            logger.debug("eps not given: RobustBench's %s %s default, %s", self.dataset, self.norm,
+                         format_eps(self.eps, self.norm))
+        object.__setattr__(self, "eps", parse_eps(self.eps))
+        for name in ("apgd_restarts", "apgd_t_targets"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, autoattack_budgets(self.norm)[name])
         object.__setattr__(self, "attacks", expand_attacks(self.attacks))
         for attack in self.attacks:
             if self.norm not in NORMS[attack]:
@@ -123,8 +174,22 @@ class AttackConfig:
                 "step_size": self.adaptive_step_size}
 
 
+def autoattack_gaps(config: AttackConfig) -> list[str]:
+    """How ``config`` differs from AutoAttack's standard evaluation (empty: it is that evaluation)."""
+    gaps = [f"no {attack}" for attack in AUTOATTACK_SUITE if attack not in config.attacks]
+    gaps += [f"{name}={getattr(config, name)} (standard {value})"
+             for name, value in autoattack_budgets(config.norm).items() if getattr(config, name) != value]
+    return gaps
+
+
+def _run_rank(attack: str) -> tuple[int, int]:
+    return (0, RUN_ORDER.index(attack)) if attack in RUN_ORDER else (1, ATTACKS.index(attack))
+
+
 def expand_attacks(names: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
-    """Expand aliases (``autoattack``, ``bpda``), drop duplicates, validate names."""
+    """Expand aliases (``autoattack``, ``bpda``), drop duplicates, validate names, and put them in
+    the run order (:data:`RUN_ORDER`, then the adaptive attacks): results never depend on the
+    order attacks are listed in."""
     if isinstance(names, str):
         names = tuple(n.strip() for n in names.split(",") if n.strip())
     out: list[str] = []
@@ -139,7 +204,7 @@ def expand_attacks(names: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
                 out.append(attack)
     if not out:
         raise ValueError("no attack given")
-    return tuple(out)
+    return tuple(sorted(out, key=_run_rank))
 
 
 class Attack:
@@ -356,4 +421,14 @@ def build_attack(
         source = source_model if source_model is not None else _BaseModelView(model)
         return TransferAttack(source, config, device)
     lam = config.adaptive_lambda if name == "adaptive" else 0.0
-    return MaskPenaltyPGD(model, config, lam, name)
+    return MaskPenaltyPGD(_eager(model) if lam > 0 else model, config, lam, name)
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The eager module behind a ``torch.compile``'d one. The adaptive attack's penalty reads the
+    MeanSparse inputs through forward pre-hooks, which a compiled MeanSparse+ReLU pair never
+    calls (:mod:`robustify.fast`): under compile that attack would be plain PGD."""
+    eager = getattr(model, "_orig_mod", model)
+    if eager is not model:
+        logger.info("the adaptive attack runs on the eager model (its penalty needs MeanSparse's inputs)")
+    return eager

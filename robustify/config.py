@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["MeanSparseConfig", "SerializableConfig", "check_alpha", "parse_eps", "parse_site_alpha"]
+__all__ = ["MeanSparseConfig", "SerializableConfig", "check_alpha", "format_eps", "parse_eps", "parse_site_alpha"]
 
 
 def check_alpha(value: Any, what: str = "alpha") -> float:
@@ -132,3 +132,11 @@ def parse_eps(value: str | float) -> float:
     return eps
 
 
+def format_eps(eps: float, norm: str = "Linf") -> str:
+    """``eps`` as text that :func:`parse_eps` reads back: "8/255" for Linf multiples of 1/255, else
+    the number ("0.5", "1.0", "12.0": an L2/L1 radius is never written in 255ths)."""
+    k = eps * 255
+    if norm == "Linf" and k >= 1 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    text = f"{eps:g}"
+    return text if any(c in text for c in ".en") else f"{text}.0"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .attacks import BLACK_BOX, STANDARD, WHITE_BOX, AttackConfig, build_attack, make_autoattack
+from .config import format_eps
 from .data import DataError, validate_batch
 from .io import write_json
 from .memory import split_on_oom
@@ -72,6 +74,7 @@ class EvalResult:
     seconds: dict[str, float]
     versions: dict[str, str]
     aa_checks: list[str] = field(default_factory=list)
+    finished: str | None = None  # UTC ISO time the result was written (the newest duplicate wins)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,6 +307,8 @@ def evaluate(
         "data_fingerprint": _fingerprint(x, y),
     }
     model.eval()
+    logger.info("attacking %d example(s) at %s eps %s with %s", n, config.norm, format_eps(config.eps, config.norm),
+                ", ".join(config.attacks))
     main = distributed.is_main()
     with _locked(directory if main else None), _autoattack_warnings() as aa_warnings, \
             _parameters_frozen(model, source_model):
@@ -315,6 +320,7 @@ def evaluate(
     result.meta = meta
     result.aa_checks = aa_warnings.messages
     result.flags = audit(result)
+    result.finished = datetime.datetime.now(datetime.timezone.utc).isoformat()
     if directory is not None and main:
         write_json(directory / RESULT_FILE, result.to_dict())
         logger.info("wrote %s", directory / RESULT_FILE)

@@ -19,36 +19,35 @@ def add_attack_args(p: argparse.ArgumentParser, attacks: str = DEFAULT_ATTACKS) 
     g.add_argument("--attacks", default=attacks,
                    help="comma-separated: apgd-ce, apgd-dlr, apgd-t, fab-t, square, autoattack, bpda "
                         "(bpda-apgd-ce + bpda-apgd-dlr), adaptive, pgd, transfer")
-    g.add_argument("--eps", default="8/255", help="perturbation budget: a float or a fraction like 8/255")
+    g.add_argument("--eps", default=None,
+                   help="perturbation budget: a float or a fraction like 8/255 (default: RobustBench's for the "
+                        "dataset and norm: CIFAR Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255)")
     g.add_argument("--norm", default=None, help="Linf, L2 or L1 (default: the --threat-model)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--attack-batch-size", type=int, default=128)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--attack-batch-size", type=int, default=None)
     g.add_argument("--individual", action="store_true",
                    help="run every attack on every correctly classified example (default: only on unbroken ones)")
-    g.add_argument("--apgd-iters", type=int, default=100)
-    g.add_argument("--apgd-restarts", type=int, default=1)
-    g.add_argument("--apgd-t-iters", type=int, default=100)
-    g.add_argument("--apgd-t-targets", type=int, default=9)
-    g.add_argument("--fab-iters", type=int, default=100)
-    g.add_argument("--fab-targets", type=int, default=9)
-    g.add_argument("--square-queries", type=int, default=5000)
-    g.add_argument("--adaptive-steps", type=int, default=50)
-    g.add_argument("--adaptive-lambda", type=float, default=1.0)
-    g.add_argument("--adaptive-step-size", type=float, default=None)
+    # budgets: unset flags take AttackConfig's defaults (AutoAttack's standard ones for the norm)
+    for flag, kind in (("apgd-iters", int), ("apgd-restarts", int), ("apgd-t-iters", int), ("apgd-t-targets", int),
+                       ("fab-iters", int), ("fab-targets", int), ("square-queries", int), ("adaptive-steps", int),
+                       ("adaptive-lambda", float), ("adaptive-step-size", float)):
+        g.add_argument(f"--{flag}", type=kind, default=None)
 
 
 def attack_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .attacks import AttackConfig
+    from .attacks import AttackConfig, threat_norm
 
-    norm = args.norm or (args.threat_model if args.threat_model in ("Linf", "L2") else "Linf")
-    return AttackConfig(
-        attacks=tuple(a for a in args.attacks.split(",") if a.strip()),
-        norm=norm, eps=args.eps, seed=args.seed, batch_size=args.attack_batch_size, individual=args.individual,
-        apgd_iters=args.apgd_iters, apgd_restarts=args.apgd_restarts, apgd_t_iters=args.apgd_t_iters,
-        apgd_t_targets=args.apgd_t_targets, fab_iters=args.fab_iters, fab_targets=args.fab_targets,
-        square_queries=args.square_queries, adaptive_steps=args.adaptive_steps,
-        adaptive_lambda=args.adaptive_lambda, adaptive_step_size=args.adaptive_step_size,
-    )
+    norm = args.norm or threat_norm(args.threat_model)
+    given = {
+        "eps": args.eps, "seed": args.seed, "batch_size": args.attack_batch_size, "apgd_iters": args.apgd_iters,
+        "apgd_restarts": args.apgd_restarts, "apgd_t_iters": args.apgd_t_iters, "apgd_t_targets": args.apgd_t_targets,
+        "fab_iters": args.fab_iters, "fab_targets": args.fab_targets, "square_queries": args.square_queries,
+        "adaptive_steps": args.adaptive_steps, "adaptive_lambda": args.adaptive_lambda,
+        "adaptive_step_size": args.adaptive_step_size,
+    }
+    return AttackConfig(attacks=tuple(a for a in args.attacks.split(",") if a.strip()), norm=norm,
+                        dataset=args.dataset, individual=args.individual,
+                        **{k: v for k, v in given.items() if v is not None})
 
 
 def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
@@ -96,6 +95,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _print_result(result) -> None:  # type: ignore[no-untyped-def]
+    from .config import format_eps
+
+    norm = result.config["norm"]
+    print(f"threat model {norm} eps {format_eps(result.config['eps'], norm)}, {result.n_examples} examples")
     print(f"clean {100 * result.clean_acc:.2f}%")
     for attack, acc in result.attack_acc.items():
         print(f"{attack:>14s} {100 * acc:.2f}%")
@@ -104,9 +107,13 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
 
 @register_command("evaluate", "attack a model (and its defense) and write per-example results", _evaluate_args)
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .leaderboard import write_result_table
     from .pipeline import run_evaluation
 
     _print_result(run_evaluation(job_from_args(args)))
+    if distributed.is_main():  # the one-row leaderboard table next to result.json
+        write_result_table(args.out)
     return 0
 
 
@@ -156,7 +163,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.2)
     p.add_argument("--n-examples", type=int, default=100)
     p.add_argument("--n-calib", type=int, default=5000)
-    p.add_argument("--eps", default="8/255")
+    p.add_argument("--eps", default=None, help="default: RobustBench's for the dataset and threat model")
     p.add_argument("--apgd-iters", type=int, default=20)
     p.add_argument("--out", default="runs/quick")
 
@@ -187,13 +194,14 @@ def _check_identity(job, calibration: Path) -> None:  # type: ignore[no-untyped-
 @register_command("run", "the main job: robustify a model with MeanSparse, check it, and make a quick "
                          "leaderboard (base vs MeanSparse, APGD-CE and BPDA)", _run_args)
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .attacks import AttackConfig
+    from .attacks import AttackConfig, threat_norm
     from .config import MeanSparseConfig
     from .leaderboard import to_markdown, write_leaderboard
     from .pipeline import EvaluationJob, run_evaluation
 
     out = Path(args.out)
-    attack = AttackConfig(attacks=("apgd-ce", "bpda"), eps=args.eps, apgd_iters=args.apgd_iters)
+    attack = AttackConfig(attacks=("apgd-ce", "bpda"), norm=threat_norm(args.threat_model), dataset=args.dataset,
+                          eps=args.eps, apgd_iters=args.apgd_iters)
     base_job = EvaluationJob(
         model=args.model, data=args.data, dataset=args.dataset, threat_model=args.threat_model,
         weights=args.weights, pretrained=args.pretrained, cache_dir=args.cache_dir, device=args.device,

@@ -9,6 +9,7 @@ atomically and rebuilt from the results, so rebuilding never duplicates or loses
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -17,43 +18,48 @@ from typing import Any
 
 import pandas as pd
 
-from .attacks import ATTACKS, STANDARD, AttackConfig
+from .attacks import ATTACKS, AUTOATTACK_SUITE, STANDARD, AttackConfig, autoattack_gaps
+from .config import format_eps
 from .io import atomic_path, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_table", "collect", "result_row", "write_leaderboard"]
+__all__ = ["build_table", "collect", "result_row", "write_leaderboard", "write_result_table"]
 
 EPS_MARGIN = 0.2  # percentage points
 LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", "eps", "n_examples", "mode",
                 "clean_acc"]
-TAIL_COLUMNS = ["standard_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets", "precision",
-                "seconds", "settings_id",
+TAIL_COLUMNS = ["standard_acc", "autoattack_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets",
+                "precision", "seconds", "settings_id",
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
 VOLATILE = ("seconds", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
 
 
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        data["_mtime"] = path.stat().st_mtime
+    except (OSError, json.JSONDecodeError) as exc:
+        logger.warning("skipping unreadable results file %s: %s", path, exc)
+        return None
+    data["_path"] = str(path)
+    return data
+
+
 def collect(root: str | Path) -> list[dict[str, Any]]:
     """Read every ``result.json`` below ``root`` (skipping unreadable ones with a warning)."""
-    results = []
-    for path in sorted(Path(root).rglob("result.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            logger.warning("skipping unreadable results file %s: %s", path, exc)
-            continue
-        data["_path"] = str(path)
-        results.append(data)
-    return results
+    return [data for data in map(_read, sorted(Path(root).rglob("result.json"))) if data is not None]
+
+
+def _written(result: dict[str, Any]) -> float:
+    """When ``result`` was written: its ``finished`` timestamp, else its file's modification time."""
+    if result.get("finished"):
+        return datetime.datetime.fromisoformat(result["finished"]).timestamp()
+    return float(result.get("_mtime", 0.0))
 
 
 def _pct(x: float) -> float:
     return round(100.0 * x, 2)
-
-
-def _eps_text(eps: float) -> str:
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{eps:g}"
 
 
 def _standard_acc(result: dict[str, Any]) -> float | None:
@@ -66,10 +72,26 @@ def _standard_acc(result: dict[str, Any]) -> float | None:
     return sum(robust) / max(len(robust), 1)
 
 
+def _autoattack_acc(result: dict[str, Any]) -> float | None:
+    """AutoAttack's robust accuracy, only if its standard suite ran at its standard budgets and saw,
+    attack after attack, every example the earlier ones of the suite left robust (else None)."""
+    if autoattack_gaps(AttackConfig.from_dict(result["config"])):
+        return None
+    per = result["per_example"]
+    robust = [c == 1 for c in per["clean_correct"]]
+    for attack in AUTOATTACK_SUITE:
+        for i, broke in enumerate(per[attack]):
+            if robust[i]:
+                if broke is None:
+                    return None
+                robust[i] = broke != 1
+    return sum(robust) / max(len(robust), 1)
+
+
 def _budgets(config: dict[str, Any]) -> str:
     cfg = AttackConfig.from_dict(config)
     parts = []
-    for attack in cfg.attacks:
+    for attack in config["attacks"]:  # as recorded: the order they ran in
         b = cfg.budget_for(attack)
         parts.append(f"{attack}(" + ",".join(f"{k}={v}" for k, v in b.items() if v is not None) + ")")
     return " ".join(parts)
@@ -84,7 +106,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
         "alpha": meta.get("alpha"),
         "dataset": meta.get("dataset", "?"),
         "threat_model": config["norm"],
-        "eps": _eps_text(config["eps"]),
+        "eps": format_eps(config["eps"], config["norm"]),
         "n_examples": result["n_examples"],
         "mode": "individual" if config.get("individual") else "sequential",
         "clean_acc": _pct(result["clean_acc"]),
@@ -93,6 +115,8 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
         row[f"{attack}_acc"] = _pct(acc)
     std = _standard_acc(result)
     row["standard_acc"] = _pct(std) if std is not None else None
+    aa = _autoattack_acc(result)
+    row["autoattack_acc"] = _pct(aa) if aa is not None else None
     row["worst_case_acc"] = _pct(result["worst_case_acc"])
     row["flags"] = ";".join(result.get("flags", []))
     skipped = meta.get("not_applicable") or {}
@@ -137,7 +161,7 @@ def _flag_eps_monotonicity(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (model, defense, settings); the newest result wins; ranked by worst case."""
-    rows = [result_row(r) for r in results]
+    rows = [result_row(r) for r in sorted(results, key=_written)]  # stable: ties keep the path order
     if not rows:
         return pd.DataFrame(columns=LEAD_COLUMNS + TAIL_COLUMNS)
     df = pd.DataFrame(rows).drop_duplicates(subset="settings_id", keep="last")
@@ -146,6 +170,7 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
                         ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
     attack_cols = sorted((c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc",
+                                                                                      "autoattack_acc",
                                                                                       "worst_case_acc")),
                          key=lambda c: (ATTACKS.index(c[:-4]) if c[:-4] in ATTACKS else len(ATTACKS), c))
     order = LEAD_COLUMNS + attack_cols + TAIL_COLUMNS
@@ -172,7 +197,9 @@ def to_markdown(df: pd.DataFrame) -> str:
     budgets = sorted(set(df["budgets"]))
     notes = (
         "\nRanked by `worst_case_acc`: the share of examples that no attack broke (per-example AND over attacks).\n"
-        "`standard_acc`: worst case over the standard (pyautoattack) attacks only. In `sequential` mode each attack\n"
+        "`standard_acc`: worst case over the standard (pyautoattack) attacks only. `autoattack_acc`: only where\n"
+        "AutoAttack's standard suite (apgd-ce, apgd-t, fab-t, square) ran at its standard budgets. Attacks run in one\n"
+        "order (AutoAttack's suite, other standard attacks, then adaptive ones). In `sequential` mode each attack\n"
         "column is the robust accuracy after that attack and all attacks before it (AutoAttack's convention); in\n"
         "`individual` mode each attack ran alone on every correctly classified example.\n"
         "`n/a`: the attack does not apply (BPDA without MeanSparse equals APGD; Sparta and smooth activations are\n"
@@ -183,10 +210,18 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def model_info(row: pd.Series) -> dict[str, Any]:
-    """A RobustBench ``model_info`` JSON for one row (accuracies as percent strings)."""
-    standard = row.get("standard_acc")
+    """A RobustBench ``model_info`` JSON for one row (accuracies as percent strings).
+
+    ``autoattack_acc`` only when the row ran AutoAttack's standard evaluation; otherwise the
+    worst case goes to ``external`` and the footnote says which attacks and budgets were used.
+    """
+    aa = row.get("autoattack_acc")
+    earned = aa is not None and not pd.isna(aa)
     worst = row["worst_case_acc"]
-    aa = standard if standard is not None and not pd.isna(standard) else worst
+    missing = [a for a in AUTOATTACK_SUITE if a not in str(row["attacks"]).split(",")]
+    used = (f"attacks: {row['budgets']}" if earned else
+            "no autoattack_acc: not AutoAttack's standard evaluation ("
+            + (f"no {', '.join(missing)}" if missing else "other budgets") + f"); attacks: {row['budgets']}")
     info: dict[str, Any] = {
         "link": "",
         "name": f"{row['model']} + {row['defense']}" + (f" (alpha={row['alpha']})" if row["defense"] == "meansparse" else ""),
@@ -199,13 +234,25 @@ def model_info(row: pd.Series) -> dict[str, Any]:
         "eps": row["eps"],
         "clean_acc": f"{row['clean_acc']:.2f}",
         "reported": "",
-        "autoattack_acc": f"{aa:.2f}",
-        "footnote": f"robustify {row['robustify_version']}; {row['n_examples']} examples; attacks: {row['budgets']}",
+        **({"autoattack_acc": f"{aa:.2f}"} if earned else {}),
+        "footnote": f"robustify {row['robustify_version']}; {row['n_examples']} examples; {used}",
         "unreliable": bool(row["flags"]),
     }
-    if worst < aa:
+    if not earned or worst < aa:
         info["external"] = f"{worst:.2f}"
     return info
+
+
+def write_result_table(result_dir: str | Path) -> pd.DataFrame:
+    """Write ``DIR/result.csv``: the leaderboard row (same columns) of ``DIR/result.json``."""
+    path = Path(result_dir) / "result.json"
+    result = _read(path)
+    if result is None:
+        raise ValueError(f"cannot read results file {str(path)!r}")
+    df = build_table([result])
+    with atomic_path(path.with_suffix(".csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    return df
 
 
 def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:

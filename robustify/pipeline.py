@@ -17,7 +17,7 @@ import pandas as pd
 from torch import nn
 
 from . import distributed
-from .attacks import AttackConfig
+from .attacks import AttackConfig, threat_norm
 from .calibrate import calibrate
 from .config import MeanSparseConfig
 from .data import load_data, loader, to_tensors
@@ -58,7 +58,7 @@ class EvaluationJob:
     n_calib: int | None = None
     calib_batch_size: int = 256
     meansparse: MeanSparseConfig = field(default_factory=MeanSparseConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: AttackConfig | None = None  # None: the defaults for the job's dataset and threat model
     out: str = "runs/eval"
     leaderboard_dir: str | None = None
     progress: bool = True
@@ -72,6 +72,11 @@ class EvaluationJob:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
         if self.n_examples < 1:
             raise ValueError(f"n_examples must be positive, got {self.n_examples}")
+        if self.attack is None:
+            self.attack = AttackConfig(norm=threat_norm(self.threat_model), dataset=self.dataset)
+        elif self.attack.dataset != self.dataset:
+            raise ValueError(f"the attack config is for dataset {self.attack.dataset!r} (its default eps) but the job "
+                             f"evaluates {self.dataset!r}: AttackConfig(dataset={self.dataset!r}, ...)")
 
 
 def _is_defense_file(path: str | None) -> bool:

@@ -100,7 +100,7 @@ def test_sweep_picks_alpha_by_the_rule(npz, tmp_path):
         (["evaluate", "tinynets:tiny_cnn", "--attacks", "nope", "--out", "X"], "unknown attack"),
         (["evaluate", "tinynets:tiny_cnn", "--eps", "8/0", "--out", "X"], "eps"),
         (["evaluate", "tinynets:tiny_cnn", "--defense", "magic", "--out", "X"], "unknown defense"),
-        (["evaluate", "tinynets:tiny_cnn", "--attacks", "square", "--norm", "L1", "--out", "X"], "does not support"),
+        (["evaluate", "tinynets:tiny_cnn", "--attacks", "adaptive", "--norm", "L1", "--out", "X"], "does not support"),
         (["leaderboard", "/does/not/exist"], "does not exist"),
     ],
 )

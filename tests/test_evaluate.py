@@ -176,7 +176,7 @@ def test_attack_config_validation():
     with pytest.raises(ValueError, match="unknown attack"):
         AttackConfig(attacks=("nope",))
     with pytest.raises(ValueError, match="does not support"):
-        AttackConfig(attacks=("square",), norm="L1")
+        AttackConfig(attacks=("adaptive",), norm="L1")
     with pytest.raises(ValueError, match="eps"):
         AttackConfig(eps="8/0")
     with pytest.raises(ValueError, match="eps"):

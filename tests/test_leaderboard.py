@@ -67,10 +67,8 @@ def test_markdown_json_and_plots(results_dir, tmp_path):
         info = json.loads(path.read_text())
         row = df[df["settings_id"] == path.stem].iloc[0]
         assert info["clean_acc"] == f"{row['clean_acc']:.2f}"
-        if row["worst_case_acc"] < row["standard_acc"]:
-            assert info["external"] == f"{row['worst_case_acc']:.2f}"
-        else:
-            assert "external" not in info
+        assert "autoattack_acc" not in info  # APGD-CE and Square at tiny budgets are not AutoAttack
+        assert info["external"] == f"{row['worst_case_acc']:.2f}"
     assert (tmp_path / "plots" / "alpha_tiny_2_255.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "bars_tiny_2_255.png").stat().st_size > 1000
 
