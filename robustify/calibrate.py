@@ -122,6 +122,6 @@ def calibrate(
                 m.finalize()
     finally:
         model.train(was_training)
-    counts = {m.site: m.moments.count for m in modules}
+    counts = {site: m.moments.count for site, m in meansparse_modules(model).items()}
     logger.info("calibrated %d MeanSparse site(s) on %d images", len(modules), n_images)
     return counts
