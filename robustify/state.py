@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "StateMismatchError",
     "content_digest",
+    "is_calibration_file",
     "load_calibration",
     "read_calibration",
     "save_calibration",
@@ -115,6 +116,15 @@ def save_calibration(
     write_json(sidecar_path(path), sidecar)
     logger.info("saved %d MeanSparse site(s) to %s", len(modules), path)
     return path
+
+
+def is_calibration_file(path: str | Path) -> bool:
+    """True when ``path`` has the JSON sidecar of a MeanSparse calibration file."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _check_sidecar(meta: Any, side: Path) -> None:
