@@ -20,7 +20,7 @@ from . import distributed
 from .attacks import AttackConfig
 from .calibrate import calibrate
 from .config import MeanSparseConfig
-from .data import load_data, loader, to_tensors
+from .data import check_image_size, load_data, loader, to_tensors
 from .evaluate import EvalResult, evaluate
 from .fast import PRECISIONS, for_evaluation
 from .insert import insert_meansparse
@@ -101,6 +101,7 @@ def calibration_loader(
 
     ds = load_data(data, "train", holdout=holdout, cache_dir=cache_dir, num_classes=info.num_classes,
                    channels=info.input_size[0])
+    check_image_size(tuple(ds[0][0].shape), info.input_size)
     if n_calib is not None:
         if not 0 < n_calib <= len(ds):
             raise ValueError(f"--n-calib must be in [1, {len(ds)}], got {n_calib}")
@@ -207,7 +208,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     meta = _job_meta(job, info, model)
     meta["not_applicable"] = skipped
     result = evaluate(_attacked(job, model), x, y, config, out_dir=job.out, meta=meta, source_model=source,
-                      device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
+                      device=job.device, num_classes=info.num_classes, input_size=info.input_size,
                       progress=job.progress)
     if job.leaderboard_dir and distributed.is_main():
         from .leaderboard import write_leaderboard
@@ -265,7 +266,7 @@ def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float =
         config = job.attack
         meta = {**_job_meta(replace(job, meansparse=replace(job.meansparse, alpha=alpha)), info, model)}
         result = evaluate(attacked, x, y, config, out_dir=Path(job.out) / f"alpha_{alpha:g}", meta=meta,
-                          device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
+                          device=job.device, num_classes=info.num_classes, input_size=info.input_size,
                           progress=job.progress)
         rows.append({"alpha": alpha, "clean_acc": 100 * result.clean_acc,
                      "worst_case_acc": 100 * result.worst_case_acc,
