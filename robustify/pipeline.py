@@ -56,7 +56,7 @@ class EvaluationJob:
     split: str = "test"
     holdout: int = 0
     n_calib: int | None = None
-    calib_batch_size: int = 256
+    calib_batch_size: int | None = None  # None: MeanSparseConfig.calibration_batch_size()
     meansparse: MeanSparseConfig = field(default_factory=MeanSparseConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     out: str = "runs/eval"
@@ -89,7 +89,7 @@ def calibration_loader(
     *,
     holdout: int = 0,
     n_calib: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = MeanSparseConfig.CALIB_BATCH_SIZE,
     cache_dir: str | None = None,
 ) -> Any:
     """The calibration batches: the training split minus its last ``holdout`` examples.
@@ -121,12 +121,14 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
         logger.info("MeanSparse statistics loaded from %s (no recalibration)", source)
         return model
     model = insert_meansparse(model, example, job.meansparse)
+    batch_size = job.meansparse.calibration_batch_size(job.calib_batch_size)
     batches = calibration_loader(job.data, info, holdout=job.holdout, n_calib=job.n_calib,
-                                 batch_size=job.calib_batch_size, cache_dir=job.cache_dir)
+                                 batch_size=batch_size, cache_dir=job.cache_dir)
     calibrate(model, batches, device=job.device, progress=job.progress)
     if distributed.is_main():
         save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
-                         extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib})
+                         extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib,
+                                "batch_size": batch_size})
     distributed.barrier()
     return model
 
