@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .insert import insert_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules, set_alpha
 from .models import ModelInfo, load_model
-from .state import load_calibration, save_calibration, sidecar_path
+from .state import StateMismatchError, load_calibration, save_calibration, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +112,29 @@ def calibration_loader(
     return loader(ds, batch_size)
 
 
+def _check_cached(path: Path, job: EvaluationJob) -> None:
+    """Refuse a calibration cached in the results directory from other calibration data."""
+    try:
+        saved = json.loads(sidecar_path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # load_calibration reports the damaged file
+    wanted = {"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib}
+    differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
+    if differ:
+        raise StateMismatchError(
+            f"{str(path)!r} was calibrated with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}, the job asks "
+            f"for {', '.join(f'{k}={wanted[k]!r}' for k in differ)}: use another --out, or delete the file to recalibrate"
+        )
+
+
 def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Module:
     example = info.example_input(device=job.device)
     cached = Path(job.out) / CALIBRATION_FILE
     source = job.defense_weights or (str(cached) if cached.is_file() else None)
+    if job.defense_weights is None and source is not None:
+        _check_cached(cached, job)
     if source is not None:
-        model = load_calibration(model, source, example)
-        set_alpha(model, job.meansparse.alpha)
+        model = load_calibration(model, source, example, config=job.meansparse)  # the job's placement and alphas
         logger.info("MeanSparse statistics loaded from %s (no recalibration)", source)
         return model
     model = insert_meansparse(model, example, job.meansparse)
@@ -160,8 +177,22 @@ def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.M
     return defended, info, base
 
 
+def _applied_meansparse(job: EvaluationJob, model: nn.Module) -> dict[str, Any] | None:
+    """The MeanSparse settings in force, read back from the model's modules: its sites and
+    per-site thresholds (those differing from ``alpha``)."""
+    alphas = {site: m.alpha for site, m in meansparse_modules(model).items()}
+    if not alphas:
+        return None
+    if job.defense == "meansparse":  # inserted with the job's placement (a file's is checked to match)
+        record, alpha = job.meansparse.to_dict(), job.meansparse.alpha
+    else:  # MeanSparse that came with the model (RobustBench's published ones): the commonest alpha
+        counts = Counter(alphas.values())
+        record, alpha = {}, min(counts, key=lambda a: (-counts[a], a))
+    record.update(alpha=alpha, site_alpha={s: a for s, a in alphas.items() if a != alpha}, sites=list(alphas))
+    return record
+
+
 def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str, Any]:
-    has_ms = bool(meansparse_modules(model))
     meta: dict[str, Any] = {
         "model": job.model,
         "defense": job.defense,
@@ -171,7 +202,7 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
         "split": job.split,
         "weights": job.weights,
         "defense_weights": job.defense_weights,
-        "meansparse": job.meansparse.to_dict() if has_ms else None,
+        "meansparse": _applied_meansparse(job, model),
     }
     if job.precision != "float32":  # results depend on it; compiling changes float32 rounding only
         meta["precision"] = job.precision
