@@ -116,9 +116,14 @@ def _check_cached(path: Path, job: EvaluationJob) -> None:
     """Refuse a calibration cached in the results directory from other calibration data."""
     try:
         saved = json.loads(sidecar_path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON
+        saved = None
+    if not isinstance(saved, dict):
         return  # load_calibration reports the damaged file
-    wanted = {"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib}
+    wanted: dict[str, Any] = {"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib}
+    official = (saved.get("config") or {}).get("stats_mode") == job.meansparse.stats_mode == "official"
+    if official:  # official statistics depend on the batch size (another stats mode: load_calibration refuses)
+        wanted["batch_size"] = job.meansparse.calibration_batch_size(job.calib_batch_size)
     differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
     if differ:
         raise StateMismatchError(
@@ -131,7 +136,7 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
     example = info.example_input(device=job.device)
     cached = Path(job.out) / CALIBRATION_FILE
     source = job.defense_weights or (str(cached) if cached.is_file() else None)
-    if job.defense_weights is None and source is not None:
+    if job.defense_weights is None and cached.is_file():
         _check_cached(cached, job)
     if source is not None:
         model = load_calibration(model, source, example, config=job.meansparse)  # the job's placement and alphas

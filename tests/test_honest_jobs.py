@@ -97,6 +97,14 @@ def test_a_calibration_cached_from_other_data_is_refused(npz32, tmp_path) -> Non
         build_defended_model(replace(_job(npz32, tmp_path / "run", alpha=0.2), n_calib=16))
 
 
+def test_official_statistics_cached_with_another_batch_size_are_refused(npz32, tmp_path) -> None:
+    job = _job(npz32, tmp_path / "run", alpha=0.2, stats_mode="official")
+    build_defended_model(job)
+    build_defended_model(job)  # the same job reuses its cache
+    with pytest.raises(rb.StateMismatchError, match="batch_size=512, the job asks for batch_size=16"):
+        build_defended_model(replace(job, calib_batch_size=16))
+
+
 def test_a_file_of_another_stats_mode_is_refused(npz32, tmp_path) -> None:
     build_defended_model(_job(npz32, tmp_path / "run", alpha=0.2))
     with pytest.raises(rb.StateMismatchError, match="stats_mode"):
