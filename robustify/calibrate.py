@@ -6,6 +6,8 @@ result does not depend on batch size or order. No gradients are computed.
 
 * Out of memory: a batch that fails is undone and split in halves (the smaller size is kept
   for the following batches and logged); exact moments make the result independent of it.
+  ``stats_mode="official"`` statistics depend on the batch size: there the error is
+  reported (:class:`~robustify.memory.OutOfMemory`) instead.
 * Distributed (``torchrun``): each rank passes its own shard of the data (see
   :func:`robustify.distributed.shard`), and the per-rank moments (count, mean, M2) are
   gathered and merged in rank order before the statistics are set, on every rank.
@@ -23,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .memory import split_on_oom
+from .memory import OutOfMemory, free_memory, is_oom, split_on_oom
 from .meansparse import MeanSparse, meansparse_modules
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,21 @@ def _undoable_forward(model: nn.Module, modules: list[MeanSparse]) -> Any:
     return step
 
 
+def _whole_batch(step: Any, x: torch.Tensor) -> list[int]:
+    """``step(x)`` on the batch as it is: "official" statistics depend on the batch size."""
+    try:
+        return [step(x)]
+    except Exception as error:  # noqa: BLE001 - only OOMs are translated, others re-raised
+        if not is_oom(error):
+            raise
+        free_memory()
+        raise OutOfMemory(
+            f"calibration: out of memory with batch size {len(x)}; stats_mode='official' statistics depend on "
+            "the batch size, so it is not reduced: pass a smaller calibration batch size (other statistics) "
+            "or use stats_mode='exact'"
+        ) from error
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -111,9 +128,11 @@ def calibrate(
     try:
         with calibrating(model) as modules, torch.no_grad():
             step = _undoable_forward(model, modules)
+            official = any(m.stats_mode == "official" for m in modules)
             for batch in tqdm(batches, desc="calibrate", unit="batch", total=total, disable=not progress):
                 x = _inputs(batch).to(device, non_blocking=True)
-                n_images += sum(split_on_oom(step, x, what="calibration", state=oom_state))
+                done = _whole_batch(step, x) if official else split_on_oom(step, x, what="calibration", state=oom_state)
+                n_images += sum(done)
             if sync:
                 n_images = distributed.merge_moments(modules, n_images)
             if n_images == 0:
@@ -122,6 +141,6 @@ def calibrate(
                 m.finalize()
     finally:
         model.train(was_training)
-    counts = {m.site: m.moments.count for m in modules}
+    counts = {site: m.moments.count for site, m in meansparse_modules(model).items()}
     logger.info("calibrated %d MeanSparse site(s) on %d images", len(modules), n_images)
     return counts

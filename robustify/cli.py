@@ -65,13 +65,17 @@ def add_meansparse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-mode", default="exact", choices=["exact", "official"])
 
 
-def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+CALIB_BATCH_HELP = "calibration batch size (default: 256, or the published 512 with --stats-mode official)"
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = False, batch_size: int | None = 128,
+                  batch_help: str | None = None) -> None:
     p.add_argument("--data", default=None if required else "cifar10", required=required,
                    help="cifar10, cifar100, imagenet:DIR or a .npz file (x_train, y_train, x_test, y_test)")
     p.add_argument("--holdout", type=int, default=0,
                    help="training examples held out from calibration (for choosing alpha)")
     p.add_argument("--n-calib", type=int, default=None, help="use only the first N calibration examples")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
 
 
 def meansparse_config(args: argparse.Namespace) -> Any:
@@ -132,7 +136,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_meansparse_args(p)
-    add_data_args(p)
+    add_data_args(p, batch_size=None, batch_help=CALIB_BATCH_HELP)
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors, + .json sidecar)")
 
 
@@ -146,14 +150,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     config = meansparse_config(args)
     model, info = load_model_from_args(args)
     model = insert_meansparse(model, info.example_input(device=args.device), config)
+    batch_size = config.calibration_batch_size(args.batch_size)
     batches = calibration_loader(args.data, info, holdout=args.holdout, n_calib=args.n_calib,
-                                 batch_size=args.batch_size, cache_dir=args.cache_dir)
+                                 batch_size=batch_size, cache_dir=args.cache_dir)
     counts = calibrate(model, batches, device=args.device)
     from . import distributed
 
     if distributed.is_main():  # under torchrun every rank holds the merged statistics
         save_calibration(model, args.out, config=config, model_info=info.to_dict(),
-                         extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib})
+                         extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib,
+                                "batch_size": batch_size})
         logger.info("wrote %s (%d sites)", args.out, len(counts))
     return 0
 

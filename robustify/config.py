@@ -76,10 +76,15 @@ class MeanSparseConfig(SerializableConfig):
             reproduces the published MeanSparse models' placement (see :mod:`robustify.published`).
         channel_dim: force the channel axis of every site (default: inferred per site).
         stats_mode: "exact" (merged float64 moments) or "official" (the published code's
-            average of per-batch statistics, for reproduction only).
+            average of per-batch statistics, for reproduction only; they depend on the batch
+            size, by default the published 512: see :meth:`calibration_batch_size`).
     """
 
     VERSION: ClassVar[int] = 1
+    #: calibration batch size by default; "exact" statistics do not depend on it
+    CALIB_BATCH_SIZE: ClassVar[int] = 256
+    #: the published calibration's ``DataLoader(batch_size=512)``, the default of "official" statistics
+    OFFICIAL_CALIB_BATCH_SIZE: ClassVar[int] = 512
     alpha: float = 0.0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -106,6 +111,14 @@ class MeanSparseConfig(SerializableConfig):
         object.__setattr__(
             self, "site_alpha", {str(k): check_alpha(v, f"alpha of site {k!r}") for k, v in self.site_alpha.items()}
         )
+
+    def calibration_batch_size(self, requested: int | None = None) -> int:
+        """The calibration batch size: ``requested`` if given, else the default of the stats mode."""
+        if requested is not None:
+            if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+                raise ValueError(f"the calibration batch size must be a positive integer, got {requested!r}")
+            return requested
+        return self.OFFICIAL_CALIB_BATCH_SIZE if self.stats_mode == "official" else self.CALIB_BATCH_SIZE
 
     def alpha_of(self, site: str) -> float:
         """The threshold of ``site``: its ``site_alpha`` entry, else ``alpha``."""

@@ -21,7 +21,7 @@ from .models import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataError", "load_data", "loader", "to_tensors", "validate_batch"]
+__all__ = ["DataError", "check_image_size", "load_data", "loader", "to_tensors", "validate_batch"]
 
 SPLITS = ("train", "test", "holdout")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -29,6 +29,19 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 class DataError(ValueError):
     """A dataset spec, file or content is unusable."""
+
+
+def check_image_size(image_shape: tuple[int, ...], input_size: tuple[int, ...]) -> None:
+    """Refuse images of shape ``(C, H, W)`` that do not fit the model's ``input_size``
+    (``(C,)`` checks the channels only), with a one-line :class:`DataError`."""
+    expected = tuple(input_size)
+    if image_shape[0] != expected[0]:
+        raise DataError(
+            f"images have {image_shape[0]} channel(s) (shape {tuple(image_shape)}), the model expects {expected[0]} "
+            f"(input size {expected})"
+        )
+    if len(expected) == 3 and tuple(image_shape[1:]) != expected[1:]:
+        raise DataError(f"images are {image_shape[1]}x{image_shape[2]}; the model expects {expected[1]}x{expected[2]}")
 
 
 def validate_batch(
@@ -49,14 +62,7 @@ def validate_batch(
     if not torch.is_floating_point(x):
         raise DataError(f"images must be floating point in [0, 1], got dtype {x.dtype}")
     if input_size is not None:
-        expected = tuple(input_size)
-        if x.shape[1] != expected[0]:
-            raise DataError(
-                f"images have {x.shape[1]} channel(s) (shape {tuple(x.shape)}), the model expects {expected[0]} "
-                f"(input size {expected})"
-            )
-        if len(expected) == 3 and tuple(x.shape[2:]) != expected[1:]:
-            raise DataError(f"images are {x.shape[2]}x{x.shape[3]}, the model expects {expected[1]}x{expected[2]}")
+        check_image_size(tuple(x.shape[1:]), input_size)
     if x.numel():
         if not torch.isfinite(x).all():
             raise DataError("images contain NaN or Inf values")

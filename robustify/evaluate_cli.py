@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import add_meansparse_args, add_model_args, meansparse_config, register_command
+from .cli import CALIB_BATCH_HELP, add_meansparse_args, add_model_args, meansparse_config, register_command
 
 logger = logging.getLogger("robustify")
 
@@ -63,7 +63,7 @@ def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--holdout", type=int, default=500 if sweep else 0,
                    help="training examples held out from calibration")
     p.add_argument("--n-calib", type=int, default=None, help="calibrate on the first N training examples only")
-    p.add_argument("--calib-batch-size", type=int, default=256)
+    p.add_argument("--calib-batch-size", type=int, default=None, help=CALIB_BATCH_HELP)
     p.add_argument("--out", required=True, help="results directory (resumable: rerun the same command to resume)")
     p.add_argument("--leaderboard-dir", default=None,
                    help="rebuild this leaderboard from every result next to --out when done")

@@ -29,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ class _SparsifyReLU(torch.autograd.Function):
 CHUNK_BYTES = 1 << 20
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _workspaces = threading.local()
+_HOST_CHILD = "meansparse"  # the child name under which insertion attaches a module (robustify.insert)
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -501,16 +503,32 @@ class MeanSparseReLU(nn.ReLU):
 
 
 def meansparse_modules(model: nn.Module) -> dict[str, MeanSparse]:
-    """All MeanSparse modules of ``model`` by site name, in registration order."""
+    """Every MeanSparse module of ``model`` (each module object once), in registration order.
+
+    Keyed by site name; where distinct modules share a site name (an ensemble of robustified
+    models), each of them is keyed by its path in ``model`` instead (``members.0.act1``).
+    """
+    entries = [(module.site or name, name, module) for name, module in model.named_modules()
+               if isinstance(module, MeanSparse)]
+    shared = Counter(site for site, _, _ in entries)
     found: dict[str, MeanSparse] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MeanSparse):
-            found[module.site or name] = module
+    for site, name, module in entries:
+        key = site if shared[site] == 1 else name.removesuffix(f".{_HOST_CHILD}")
+        found[name if key in found else key] = module
     return found
+
+
+def _by_site_or_key(modules: dict[str, MeanSparse], names: Iterable[str]) -> dict[str, list[MeanSparse]]:
+    """The modules each name designates: its key, else every module of that site name."""
+    return {name: [modules[name]] if name in modules else [m for m in modules.values() if m.site == name]
+            for name in names}
 
 
 def set_alpha(model: nn.Module, alpha: float | Mapping[str, float]) -> None:
     """Set the threshold of every MeanSparse site (a float) or of named sites (a mapping).
+
+    A mapping's keys are those of :func:`meansparse_modules`, or site names (which reach
+    that site in every member of an ensemble).
 
     Never recalibrates: the statistics do not depend on alpha.
     """
@@ -518,11 +536,13 @@ def set_alpha(model: nn.Module, alpha: float | Mapping[str, float]) -> None:
     if not modules:
         raise ValueError("the model has no MeanSparse modules: insert them first")
     if isinstance(alpha, Mapping):
-        unknown = sorted(set(alpha) - set(modules))
+        targets = _by_site_or_key(modules, alpha)
+        unknown = sorted(name for name, found in targets.items() if not found)
         if unknown:
             raise ValueError(f"unknown MeanSparse site(s) {unknown}; known sites: {list(modules)[:8]}...")
-        for site, value in alpha.items():
-            modules[site].alpha = value
+        for name, value in alpha.items():
+            for module in targets[name]:
+                module.alpha = value
     else:
         for module in modules.values():
             module.alpha = alpha

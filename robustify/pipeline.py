@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ from . import distributed
 from .attacks import AttackConfig, threat_norm
 from .calibrate import calibrate
 from .config import MeanSparseConfig
-from .data import load_data, loader, to_tensors
+from .data import check_image_size, load_data, loader, to_tensors
 from .evaluate import EvalResult, evaluate
 from .fast import PRECISIONS, for_evaluation
 from .insert import insert_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules, set_alpha
 from .models import ModelInfo, load_model
-from .state import load_calibration, save_calibration, sidecar_path
+from .state import StateMismatchError, load_calibration, save_calibration, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class EvaluationJob:
     split: str = "test"
     holdout: int = 0
     n_calib: int | None = None
-    calib_batch_size: int = 256
+    calib_batch_size: int | None = None  # None: MeanSparseConfig.calibration_batch_size()
     meansparse: MeanSparseConfig = field(default_factory=MeanSparseConfig)
     attack: AttackConfig | None = None  # None: the defaults for the job's dataset and threat model
     out: str = "runs/eval"
@@ -94,7 +95,7 @@ def calibration_loader(
     *,
     holdout: int = 0,
     n_calib: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = MeanSparseConfig.CALIB_BATCH_SIZE,
     cache_dir: str | None = None,
 ) -> Any:
     """The calibration batches: the training split minus its last ``holdout`` examples.
@@ -106,6 +107,7 @@ def calibration_loader(
 
     ds = load_data(data, "train", holdout=holdout, cache_dir=cache_dir, num_classes=info.num_classes,
                    channels=info.input_size[0])
+    check_image_size(tuple(ds[0][0].shape), info.input_size)
     if n_calib is not None:
         if not 0 < n_calib <= len(ds):
             raise ValueError(f"--n-calib must be in [1, {len(ds)}], got {n_calib}")
@@ -115,22 +117,45 @@ def calibration_loader(
     return loader(ds, batch_size)
 
 
+def _check_cached(path: Path, job: EvaluationJob) -> None:
+    """Refuse a calibration cached in the results directory from other calibration data."""
+    try:
+        saved = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON
+        saved = None
+    if not isinstance(saved, dict):
+        return  # load_calibration reports the damaged file
+    wanted: dict[str, Any] = {"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib}
+    official = (saved.get("config") or {}).get("stats_mode") == job.meansparse.stats_mode == "official"
+    if official:  # official statistics depend on the batch size (another stats mode: load_calibration refuses)
+        wanted["batch_size"] = job.meansparse.calibration_batch_size(job.calib_batch_size)
+    differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
+    if differ:
+        raise StateMismatchError(
+            f"{str(path)!r} was calibrated with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}, the job asks "
+            f"for {', '.join(f'{k}={wanted[k]!r}' for k in differ)}: use another --out, or delete the file to recalibrate"
+        )
+
+
 def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Module:
     example = info.example_input(device=job.device)
     cached = Path(job.out) / CALIBRATION_FILE
     source = job.defense_weights or (str(cached) if cached.is_file() else None)
+    if job.defense_weights is None and cached.is_file():
+        _check_cached(cached, job)
     if source is not None:
-        model = load_calibration(model, source, example)
-        set_alpha(model, job.meansparse.alpha)
+        model = load_calibration(model, source, example, config=job.meansparse)  # the job's placement and alphas
         logger.info("MeanSparse statistics loaded from %s (no recalibration)", source)
         return model
     model = insert_meansparse(model, example, job.meansparse)
+    batch_size = job.meansparse.calibration_batch_size(job.calib_batch_size)
     batches = calibration_loader(job.data, info, holdout=job.holdout, n_calib=job.n_calib,
-                                 batch_size=job.calib_batch_size, cache_dir=job.cache_dir)
+                                 batch_size=batch_size, cache_dir=job.cache_dir)
     calibrate(model, batches, device=job.device, progress=job.progress)
     if distributed.is_main():
         save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
-                         extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib})
+                         extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib,
+                                "batch_size": batch_size})
     distributed.barrier()
     return model
 
@@ -162,8 +187,22 @@ def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.M
     return defended, info, base
 
 
+def _applied_meansparse(job: EvaluationJob, model: nn.Module) -> dict[str, Any] | None:
+    """The MeanSparse settings in force, read back from the model's modules: its sites and
+    per-site thresholds (those differing from ``alpha``)."""
+    alphas = {site: m.alpha for site, m in meansparse_modules(model).items()}
+    if not alphas:
+        return None
+    if job.defense == "meansparse":  # inserted with the job's placement (a file's is checked to match)
+        record, alpha = job.meansparse.to_dict(), job.meansparse.alpha
+    else:  # MeanSparse that came with the model (RobustBench's published ones): the commonest alpha
+        counts = Counter(alphas.values())
+        record, alpha = {}, min(counts, key=lambda a: (-counts[a], a))
+    record.update(alpha=alpha, site_alpha={s: a for s, a in alphas.items() if a != alpha}, sites=list(alphas))
+    return record
+
+
 def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str, Any]:
-    has_ms = bool(meansparse_modules(model))
     meta: dict[str, Any] = {
         "model": job.model,
         "defense": job.defense,
@@ -173,7 +212,7 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
         "split": job.split,
         "weights": job.weights,
         "defense_weights": job.defense_weights,
-        "meansparse": job.meansparse.to_dict() if has_ms else None,
+        "meansparse": _applied_meansparse(job, model),
     }
     if job.precision != "float32":  # results depend on it; compiling changes float32 rounding only
         meta["precision"] = job.precision
@@ -212,7 +251,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     meta = _job_meta(job, info, model)
     meta["not_applicable"] = skipped
     result = evaluate(_attacked(job, model), x, y, config, out_dir=job.out, meta=meta, source_model=source,
-                      device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
+                      device=job.device, num_classes=info.num_classes, input_size=info.input_size,
                       progress=job.progress)
     if job.leaderboard_dir and distributed.is_main():
         from .leaderboard import write_leaderboard
@@ -270,7 +309,7 @@ def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float =
         config = job.attack
         meta = {**_job_meta(replace(job, meansparse=replace(job.meansparse, alpha=alpha)), info, model)}
         result = evaluate(attacked, x, y, config, out_dir=Path(job.out) / f"alpha_{alpha:g}", meta=meta,
-                          device=job.device, num_classes=info.num_classes, input_size=info.input_size[:1],
+                          device=job.device, num_classes=info.num_classes, input_size=info.input_size,
                           progress=job.progress)
         rows.append({"alpha": alpha, "clean_acc": 100 * result.clean_acc,
                      "worst_case_acc": 100 * result.worst_case_acc,

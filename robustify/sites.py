@@ -66,23 +66,25 @@ ACTIVATION_CLASS_NAMES: set[str] = {
 
 # Functional spellings -> factory building the equivalent module from the call's extra args.
 _FUNCTIONAL: dict[Any, tuple[str, Callable[..., nn.Module]]] = {
-    F.relu: ("relu", lambda inplace=False: nn.ReLU()),
+    F.relu: ("relu", lambda inplace=False: nn.ReLU(inplace=inplace)),
     torch.relu: ("relu", lambda: nn.ReLU()),
-    torch.relu_: ("relu", lambda: nn.ReLU()),
-    F.relu_: ("relu", lambda: nn.ReLU()),
-    F.relu6: ("relu6", lambda inplace=False: nn.ReLU6()),
+    torch.relu_: ("relu", lambda: nn.ReLU(inplace=True)),
+    F.relu_: ("relu", lambda: nn.ReLU(inplace=True)),
+    F.relu6: ("relu6", lambda inplace=False: nn.ReLU6(inplace=inplace)),
     F.gelu: ("gelu", lambda approximate="none": nn.GELU(approximate=approximate)),
-    F.silu: ("silu", lambda inplace=False: nn.SiLU()),
-    F.elu: ("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha=alpha)),
-    F.leaky_relu: ("leaky_relu", lambda negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope)),
+    F.silu: ("silu", lambda inplace=False: nn.SiLU(inplace=inplace)),
+    F.elu: ("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha=alpha, inplace=inplace)),
+    F.elu_: ("elu", lambda alpha=1.0: nn.ELU(alpha=alpha, inplace=True)),
+    F.leaky_relu: ("leaky_relu", lambda negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope, inplace)),
+    F.leaky_relu_: ("leaky_relu", lambda negative_slope=0.01: nn.LeakyReLU(negative_slope, inplace=True)),
     F.softplus: ("softplus", lambda beta=1.0, threshold=20.0: nn.Softplus(beta=beta, threshold=threshold)),
-    F.mish: ("mish", lambda inplace=False: nn.Mish()),
-    F.hardswish: ("hardswish", lambda inplace=False: nn.Hardswish()),
-    F.selu: ("selu", lambda inplace=False: nn.SELU()),
+    F.mish: ("mish", lambda inplace=False: nn.Mish(inplace=inplace)),
+    F.hardswish: ("hardswish", lambda inplace=False: nn.Hardswish(inplace=inplace)),
+    F.selu: ("selu", lambda inplace=False: nn.SELU(inplace=inplace)),
 }
 _METHODS: dict[str, tuple[str, Callable[..., nn.Module]]] = {
     "relu": ("relu", lambda: nn.ReLU()),
-    "relu_": ("relu", lambda: nn.ReLU()),
+    "relu_": ("relu", lambda: nn.ReLU(inplace=True)),
 }
 
 # Squeeze-and-excitation *modules* (not the residual blocks or networks that contain one, such
@@ -218,6 +220,18 @@ def _parameter_sharing_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+def _redirect_later_uses(x: fx.Node, activated: fx.Node) -> None:
+    """After an in-place activation ``x.relu_()``, the code goes on using ``x``: make every later
+    use of ``x`` read the activation's output (whose result may be unused), so that the
+    activation, and the MeanSparse module run in front of it, are not lost from the graph."""
+    later: set[fx.Node] = set()
+    node = activated.next
+    while node.op != "root":
+        later.add(node)
+        node = node.next
+    x.replace_all_uses_with(activated, delete_user_cb=lambda user: user in later)
+
+
 def modularize(model: nn.Module) -> nn.Module:
     """Return ``model`` with one activation module per activation call (see module doc).
 
@@ -267,6 +281,8 @@ def modularize(model: nn.Module) -> nn.Module:
             new = gm.graph.call_module(name, (x,))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
+        if getattr(module, "inplace", False) and isinstance(x, fx.Node):
+            _redirect_later_uses(x, new)
         gm.graph.erase_node(node)
         n_functional += 1
     gm.delete_all_unused_submodules()

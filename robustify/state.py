@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .config import MeanSparseConfig
-from .insert import insert_meansparse, remove_meansparse
+from .insert import InsertionError, insert_meansparse, remove_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "StateMismatchError",
     "content_digest",
+    "is_calibration_file",
     "load_calibration",
     "read_calibration",
     "save_calibration",
@@ -117,6 +118,15 @@ def save_calibration(
     return path
 
 
+def is_calibration_file(path: str | Path) -> bool:
+    """True when ``path`` has the JSON sidecar of a MeanSparse calibration file."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def _check_sidecar(meta: Any, side: Path) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StateMismatchError(f"{str(side)!r} is not a robustify MeanSparse calibration sidecar")
@@ -158,13 +168,43 @@ def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
+def _placement(config: MeanSparseConfig) -> str:
+    return (f"include={list(config.include)}, exclude={list(config.exclude)}, preset={config.preset!r}, "
+            f"skip_se={config.skip_se}")
+
+
+def _check_job(path: Path, saved: MeanSparseConfig, job: MeanSparseConfig, sites: set[str], selected: set[str]) -> None:
+    """Refuse a job whose placement or stats mode the file cannot honour (one line)."""
+    if job.stats_mode != saved.stats_mode:
+        raise StateMismatchError(
+            f"{str(path)!r} holds stats_mode={saved.stats_mode!r} statistics, the job asks for {job.stats_mode!r}: "
+            "ask for the file's mode or calibrate again"
+        )
+    if sites != selected:
+        extra, left_out = sorted(selected - sites), sorted(sites - selected)
+        parts = [f"selects {len(extra)} site(s) the file lacks (e.g. {extra[:3]})"] if extra else []
+        parts += [f"leaves out {len(left_out)} of the file's site(s) (e.g. {left_out[:3]})"] if left_out else []
+        raise StateMismatchError(
+            f"{str(path)!r} was calibrated for another placement ({_placement(saved)}): the job's "
+            f"({_placement(job)}) {' and '.join(parts)}; ask for the file's placement or calibrate again"
+        )
+
+
 def _restore(
-    model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], config: MeanSparseConfig, path: Path
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    config: MeanSparseConfig,
+    path: Path,
+    job: MeanSparseConfig | None = None,
 ) -> None:
-    """Check the inserted sites against the file and set their statistics."""
+    """Check the inserted sites against the file and set their statistics (and the file's
+    thresholds, unless a ``job``'s were inserted)."""
     saved_model = meta.get("model") or {}
     modules = meansparse_modules(model)
     saved_sites = {s["name"]: s for s in meta["sites"]}
+    if job is not None:
+        _check_job(path, config, job, set(saved_sites), set(modules))
     missing = sorted(set(saved_sites) - set(modules))
     unexpected = sorted(set(modules) - set(saved_sites))
     if missing or unexpected:
@@ -190,31 +230,41 @@ def _restore(
             )
         try:
             m.set_statistics(mean, var)
-            m.alpha = saved.get("alpha", config.alpha)
+            if job is None:
+                m.alpha = saved.get("alpha", config.alpha)
         except (TypeError, ValueError) as exc:
             raise StateMismatchError(f"{str(path)!r} holds unusable statistics: {exc}") from exc
         m.moments.count = int(saved.get("count", 0))
 
 
-def load_calibration(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
+def load_calibration(
+    model: nn.Module, path: str | Path, example: torch.Tensor, config: MeanSparseConfig | None = None
+) -> nn.Module:
     """Insert MeanSparse as saved in ``path`` into a fresh ``model`` and restore its statistics.
 
     Returns the model to use (see :func:`robustify.insert_meansparse`). Refuses, with a
     message naming the difference, a model whose sites or channel counts do not match, and
     damaged or mismatched files; on refusal ``model`` is left without MeanSparse modules.
+
+    ``config`` (a job's settings) is inserted instead of the file's: its thresholds
+    (``alpha``, ``site_alpha``) are applied, and a placement that selects other sites than
+    the file's, or another ``stats_mode``, is refused. Without it, the file's config and
+    per-site thresholds are restored.
     """
     path = Path(path)
     tensors, meta = read_calibration(path)
     try:
-        config = MeanSparseConfig.from_dict(meta["config"])
+        saved = MeanSparseConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
         raise StateMismatchError(f"{str(path)!r} has an unusable insertion config: {exc}") from exc
     try:
-        prepared = insert_meansparse(model, example, config)
+        prepared = insert_meansparse(model, example, config or saved)
     except ValueError as exc:
+        if config is not None and isinstance(exc, InsertionError):
+            raise  # the job's own settings select nothing or name unknown sites
         raise StateMismatchError(f"{str(path)!r} does not fit this model: {exc}") from exc
     try:
-        _restore(prepared, tensors, meta, config, path)
+        _restore(prepared, tensors, meta, saved, path, job=config)
     except BaseException:
         remove_meansparse(prepared)
         raise

@@ -46,7 +46,8 @@ from tqdm import tqdm
 from .activations import ActivationConfig, ParametricActivation, PSSiLU, load_activations, save_activations, swap_activations
 from .io import atomic_path
 from .sparta import SpartaConfig, insert_sparta, load_sparta, read_sidecar, save_sparta, sparta_modules
-from .state import StateMismatchError
+from .config import MeanSparseConfig
+from .state import StateMismatchError, is_calibration_file, load_calibration, save_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +220,22 @@ def backbone_path(path: str | Path) -> Path:
 def save_defense(
     model: nn.Module,
     path: str | Path,
-    config: SpartaConfig | ActivationConfig,
+    config: SpartaConfig | ActivationConfig | MeanSparseConfig,
     *,
     model_info: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     backbone: bool = False,
 ) -> Path:
     """Save the defense of ``model`` (only its parameters) + sidecar; ``backbone=True`` also
-    writes the other weights to ``<path>.backbone.safetensors`` (after joint training)."""
+    writes the other weights to ``<path>.backbone.safetensors`` (after joint training).
+
+    With a :class:`~robustify.MeanSparseConfig` it saves the calibration
+    (:func:`robustify.save_calibration`), which :func:`load_defense` loads back."""
+    if isinstance(config, MeanSparseConfig):
+        if backbone:
+            raise ValueError("MeanSparse trains nothing: save_defense(..., backbone=True) does not apply to it")
+        return save_calibration(model, path, config=config, model_info=model_info,
+                                extra={"training": training} if training else None)
     extra: dict[str, Any] = {"training": training or {}}
     if backbone:
         bpath = backbone_path(path)
@@ -247,7 +256,10 @@ def defense_kind(path: str | Path) -> str:
 def load_defense(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
     """Re-apply the defense saved in ``path`` (Sparta or activation swap) with its trained
     parameters, and the backbone weights if it was trained jointly. Returns the model to use
-    (in the train/eval mode of ``model``)."""
+    (in the train/eval mode of ``model``). A MeanSparse calibration file is loaded with
+    :func:`robustify.load_calibration`."""
+    if is_calibration_file(path):
+        return load_calibration(model, path, example).train(model.training)
     meta = read_sidecar(path)
     kind = meta.get("kind")
     if kind == "sparta":

@@ -151,7 +151,7 @@ def test_validate_batch() -> None:
         (lambda: validate_batch((x * 255).to(torch.uint8)), "floating point"),
         (lambda: validate_batch(x[0]), "4-D"),
         (lambda: validate_batch(x[:, :1], input_size=(3, 8, 8)), r"1 channel\(s\).*expects 3"),
-        (lambda: validate_batch(x, input_size=(3, 32, 32)), "8x8, the model expects 32x32"),
+        (lambda: validate_batch(x, input_size=(3, 32, 32)), "8x8; the model expects 32x32"),
         (lambda: validate_batch(x, torch.tensor([0, 1, 2, 10]), 10), r"labels must be in \[0, 10\)"),
         (lambda: validate_batch(x, torch.tensor([0.0, 1, 2, 3])), "integers"),
         (lambda: validate_batch(x, torch.tensor([0, 1])), "4 images but labels"),
