@@ -112,7 +112,7 @@ def _column(driver, name: str) -> list[str]:
 
     headers = [th.text.strip() for th in driver.find_elements(By.CSS_SELECTOR, "#leaderboard thead th")]
     i = headers.index(name) + 1
-    return [td.text.strip() for td in driver.find_elements(By.CSS_SELECTOR, f"#leaderboard tbody tr td:nth-child({i})")]
+    return [td.text.strip() for td in driver.find_elements(By.CSS_SELECTOR, f"#leaderboard tbody tr.row td:nth-child({i})")]
 
 
 def _click(driver, name: str) -> None:
@@ -129,16 +129,24 @@ def test_page_in_chromium(browser, built):
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert not errors, errors
     csv = pd.read_csv(built / "leaderboard.csv")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")) == len(csv)
-    assert browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")[0].get_attribute("class").split()[-1] == \
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr.row")) == len(csv)
+    assert browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr.row")[0].get_attribute("class").split()[-1] == \
         "base"
     _click(browser, "clean_acc")
     shown = [float(v) for v in _column(browser, "clean_acc")]
     assert shown == sorted(csv["clean_acc"], reverse=True)
     _click(browser, "clean_acc")
     assert [float(v) for v in _column(browser, "clean_acc")] == sorted(csv["clean_acc"])
+    assert browser.execute_script(  # each row's settings row moved with it
+        "return Array.from(document.querySelectorAll('#leaderboard tr.row'))"
+        ".every(r => r.nextElementSibling && r.nextElementSibling.classList.contains('detail'))")
     _click(browser, "defense")
     assert _column(browser, "defense")[0].startswith("meansparse")
+    row = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr.row")[0]
+    settings = row.find_element(By.XPATH, "following-sibling::tr[1]")
+    assert not settings.is_displayed()
+    row.find_element(By.CSS_SELECTOR, "button.toggle").click()  # the row's settings and flags, explained
+    assert settings.is_displayed() and "budgets" in settings.text and "apgd-ce(iters=20" in settings.text
     browser.find_element(By.ID, "regroup").click()
     assert _column(browser, "rank")[0] == str(csv.loc[csv["defense"] == "none", "rank"].iloc[0])
     browser.execute_script("console.error('probe')")  # the log channel works: a console error would show
