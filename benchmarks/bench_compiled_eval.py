@@ -59,24 +59,31 @@ def _run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: Attac
         shutil.rmtree(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared with bench_precision_eval.py: images, attack budget, model, data, device."""
+    for flag, default in (("--n", 64), ("--iters", 10), ("--batch-size", 64), ("--n-calib", 1024)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n-calib", type=int, default=1024)
     p.add_argument("--model", default="aa-resnet18")
     p.add_argument("--data", type=Path, default=DATA, help=".npz (x_train, y_train, x_test, y_test)")
-    p.add_argument("--out", type=Path, default=RESULTS / "compiled_eval.csv")
-    args = p.parse_args(argv)
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, dict[str, str]]:
+    """Logging and threads; the device and the machine description."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
+    return torch.device(args.device), {"command": command_line(), "machine": machine(), "load_before": load_average()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(p)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS / "compiled_eval.csv")
+    args = p.parse_args(argv)
+    device, info = start(args)
     eager = for_evaluation(_defended(device, args.n_calib, args.model, args.data), device=device)
     compiled = for_evaluation(copy.deepcopy(eager), compile=True, device=device)
     x, y = rb.to_tensors(rb.load_data(str(args.data), "test", n=args.n))

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compiled_eval import _defended, _run  # noqa: E402
-from bench_meansparse import DATA, RESULTS, command_line, load_average, machine, write_rows  # noqa: E402
+from bench_compiled_eval import _defended, _run, add_eval_args, start  # noqa: E402
+from bench_meansparse import RESULTS, load_average, write_rows  # noqa: E402
 
 import robustify as rb  # noqa: E402
 from robustify.attacks import AttackConfig  # noqa: E402
@@ -47,22 +47,11 @@ def same_float32_statistics(reference: dict[str, torch.Tensor], model: torch.nn.
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--n-calib", type=int, default=1024)
-    p.add_argument("--model", default="aa-resnet18")
-    p.add_argument("--data", type=Path, default=DATA, help=".npz (x_train, y_train, x_test, y_test)")
+    add_eval_args(p)
     p.add_argument("--precisions", nargs="+", default=["bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "precision_eval.csv")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
+    device, info = start(args)
     defended = _defended(device, args.n_calib, args.model, args.data)
     reference = statistics_of(defended)
     x, y = rb.to_tensors(rb.load_data(str(args.data), "test", n=args.n))
