@@ -87,7 +87,8 @@ def main() -> None:
     row = {
         "command": "python benchmarks/bench_eval_overhead.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__, "model": args.model, "device": device.type, "n_examples": args.n, "apgd_iters": args.iters, "reps": args.reps,
+        "torch": torch.__version__, "model": args.model,
+        "device": device.type, "n_examples": args.n, "apgd_iters": args.iters, "reps": args.reps,
         "pyautoattack_s_median": round(med["pyautoattack"], 3), "robustify_s_median": round(med["robustify"], 3),
         "overhead_ratio": round(med["robustify"] / med["pyautoattack"], 4),
         "all_pyautoattack_s": " ".join(f"{t:.3f}" for t in times["pyautoattack"]),

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         robust = [c == 1 and not any(flags[a][i] == 1 for a in config.attacks)
                   for i, c in enumerate(flags["clean_correct"])]
         rows.append({
-            **info, "model": args.model, "device": device.type, "precision": precision, "n_examples": args.n, "apgd_iters": args.iters,
+            **info, "model": args.model, "device": device.type, "precision": precision, "n_examples": args.n,
+            "apgd_iters": args.iters,
             "attacks": ",".join(config.attacks), "seconds": seconds, "speedup_vs_float32": base_seconds / seconds,
             "clean_acc": sum(flags["clean_correct"]) / args.n, "worst_case_acc": sum(robust) / args.n,
             **{f"agreement_{k}": sum(u == v for u, v in zip(flags[k], base_flags[k])) / args.n for k in flags},

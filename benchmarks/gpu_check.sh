@@ -82,15 +82,16 @@ step() {
 
 skip() { record "$1" "skipped: $2" 0; }
 
-step meansparse 150 bench_meansparse.py --device "$DEV" "${MEANSPARSE[@]}"
-step calibration 60 bench_calibration.py --device "$DEV" "${CALIBRATION[@]}"
-step eval_overhead 60 bench_eval_overhead.py --device "$DEV" "${EVAL[@]}"
+# time limits per step (GPU; x3 in the dry run) add up to 8 minutes: a step over its limit fails
+step meansparse 120 bench_meansparse.py --device "$DEV" "${MEANSPARSE[@]}"
+step calibration 50 bench_calibration.py --device "$DEV" "${CALIBRATION[@]}"
+step eval_overhead 50 bench_eval_overhead.py --device "$DEV" "${EVAL[@]}"
 if [ ${#COMPILED[@]} -gt 0 ]; then
   step compiled_eval 120 bench_compiled_eval.py --device "$DEV" "${COMPILED[@]}"
 else
   skip compiled_eval "dry run (torch.compile on a CPU takes minutes)"
 fi
-step precision_eval 60 bench_precision_eval.py --device "$DEV" "${PRECISION[@]}"
+step precision_eval 50 bench_precision_eval.py --device "$DEV" "${PRECISION[@]}"
 if [ $DRY = 1 ] || [ "${NGPU:-0}" -ge 2 ]; then
   step torchrun_eval 90 bench_torchrun_eval.py "${TORCHRUN[@]}"
 else
