@@ -43,6 +43,7 @@ from bench_meansparse import (  # noqa: E402
     command_line,
     interleaved,
     load_average,
+    load_benchmark_model,
     machine,
     write_rows,
 )
@@ -62,8 +63,11 @@ def _load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+MODEL = "aa-resnet18"  # --model
+
+
 def _model(alpha: float = 0.2, insert: bool = True, device: torch.device | str = "cpu") -> nn.Module:
-    model, info = rb.load_model("aa-resnet18", weights=WEIGHTS if WEIGHTS.is_file() else None)
+    model, info = load_benchmark_model(MODEL)
     model.eval().to(device)
     if insert:
         model = rb.insert_meansparse(model, info.example_input(device=device), rb.MeanSparseConfig(alpha=alpha))
@@ -216,6 +220,7 @@ def bench_torchrun(args: argparse.Namespace, common: dict[str, object]) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MODEL
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
@@ -228,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=["calibration", "alpha_sweep", "torchrun"])
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cpu, then cuda too when available; torchrun runs on CPU/gloo)")
+    p.add_argument("--model", default=MODEL, help="calibration and alpha_sweep sections (torchrun: aa-resnet18)")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_calibration.csv")
     args = p.parse_args(argv)
+    MODEL = args.model
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not NPZ.is_file():
         raise SystemExit(f"{NPZ} not found: this benchmark uses the shared CIFAR-10 subset")
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"calibration": bench_calibration, "alpha_sweep": bench_alpha_sweep, "torchrun": bench_torchrun}
     for device in devices:
         args.device = device
-        common = {"model": "aa-resnet18", "device": device.type, "threads": torch.get_num_threads(), "reps": args.reps}
+        common = {"model": args.model, "device": device.type, "threads": torch.get_num_threads(), "reps": args.reps}
         for name in args.sections:
             if name == "torchrun" and device.type != "cpu":
                 continue  # the torchrun section measures CPU processes (gloo)

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meansparse import SHARED, RESULTS, command_line, load_average, machine, write_rows  # noqa: E402
+from bench_meansparse import (  # noqa: E402
+    DATA, RESULTS, command_line, load_average, load_benchmark_model, machine, write_rows,
+)
 
 import robustify as rb  # noqa: E402
 from robustify.attacks import AttackConfig  # noqa: E402
@@ -37,10 +39,11 @@ from robustify.fast import for_evaluation  # noqa: E402
 logger = logging.getLogger("bench_compiled_eval")
 
 
-def _defended(device: torch.device) -> torch.nn.Module:
-    model, info = rb.load_model("aa-resnet18", weights=SHARED / "models" / "resnet18_at_relu.pt", device=device)
+def _defended(device: torch.device, n_calib: int = 1024, spec: str = "aa-resnet18",
+              data: str | Path = DATA) -> torch.nn.Module:
+    model, info = load_benchmark_model(spec, device=device)
     model = rb.insert_meansparse(model, info.example_input(device=device), rb.MeanSparseConfig(alpha=0.2))
-    calib = rb.load_data(str(SHARED / "data" / "cifar10_subset.npz"), "train", n=1024)
+    calib = rb.load_data(str(data), "train", n=n_calib)
     rb.calibrate(model, rb.loader(calib, batch_size=256), device=device, progress=False)
     return model
 
@@ -56,24 +59,34 @@ def _run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: Attac
         shutil.rmtree(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared with bench_precision_eval.py: images, attack budget, model, data, device."""
+    for flag, default in (("--n", 64), ("--iters", 10), ("--batch-size", 64), ("--n-calib", 1024)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=RESULTS / "compiled_eval.csv")
-    args = p.parse_args(argv)
+    p.add_argument("--model", default="aa-resnet18")
+    p.add_argument("--data", type=Path, default=DATA, help=".npz (x_train, y_train, x_test, y_test)")
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, dict[str, str]]:
+    """Logging and threads; the device and the machine description."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = {"command": command_line(), "machine": machine(), "load_before": load_average()}
-    eager = for_evaluation(_defended(device), device=device)
+    return torch.device(args.device), {"command": command_line(), "machine": machine(), "load_before": load_average()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(p)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS / "compiled_eval.csv")
+    args = p.parse_args(argv)
+    device, info = start(args)
+    eager = for_evaluation(_defended(device, args.n_calib, args.model, args.data), device=device)
     compiled = for_evaluation(copy.deepcopy(eager), compile=True, device=device)
-    x, y = rb.to_tensors(rb.load_data(str(SHARED / "data" / "cifar10_subset.npz"), "test", n=args.n))
+    x, y = rb.to_tensors(rb.load_data(str(args.data), "test", n=args.n))
     config = AttackConfig(attacks=("apgd-ce", "bpda-apgd-ce"), apgd_iters=args.iters, batch_size=args.batch_size)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     flags: dict[str, dict] = {}

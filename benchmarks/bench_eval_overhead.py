@@ -29,8 +29,8 @@ from robustify.attacks import AttackConfig, _set_apgd_iters
 from robustify.evaluate import evaluate
 from robustify.io import atomic_path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_meansparse import DATA, REPO as ROOT, load_benchmark_model  # noqa: E402
 
 
 def direct(model, x, y, iters, batch_size, device):  # type: ignore[no-untyped-def]
@@ -68,11 +68,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="aa-resnet18")
+    p.add_argument("--data", default=str(DATA), help=".npz (x_train, y_train, x_test, y_test)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_overhead.csv"))
     args = p.parse_args()
     device = torch.device(args.device)
-    model, _ = rb.load_model("aa-resnet18", weights=SHARED / "models" / "resnet18_at_relu.pt", device=device)
-    x, y = rb.to_tensors(rb.load_data(str(SHARED / "data" / "cifar10_subset.npz"), "test", n=args.n))
+    model, _ = load_benchmark_model(args.model, device=device)
+    x, y = rb.to_tensors(rb.load_data(str(args.data), "test", n=args.n))
     times = {"pyautoattack": [], "robustify": []}
     flags = {}
     for _ in range(args.reps):
@@ -80,21 +82,24 @@ def main() -> None:
             t, f = fn(model, x, y, args.iters, args.batch_size, device)
             times[name].append(t)
             flags[name] = f
-    assert flags["pyautoattack"] == flags["robustify"], "per-example results differ"
+    identical = flags["pyautoattack"] == flags["robustify"]
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {
         "command": "python benchmarks/bench_eval_overhead.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__, "device": device.type, "n_examples": args.n, "apgd_iters": args.iters, "reps": args.reps,
+        "torch": torch.__version__, "model": args.model,
+        "device": device.type, "n_examples": args.n, "apgd_iters": args.iters, "reps": args.reps,
         "pyautoattack_s_median": round(med["pyautoattack"], 3), "robustify_s_median": round(med["robustify"], 3),
         "overhead_ratio": round(med["robustify"] / med["pyautoattack"], 4),
         "all_pyautoattack_s": " ".join(f"{t:.3f}" for t in times["pyautoattack"]),
         "all_robustify_s": " ".join(f"{t:.3f}" for t in times["robustify"]),
-        "identical_per_example_results": True,
+        "identical_per_example_results": identical,
     }
     with atomic_path(args.out) as tmp:
         pd.DataFrame([row]).to_csv(tmp, index=False)
     print(pd.DataFrame([row]).T.to_string())
+    if not identical:
+        raise SystemExit("per-example results of robustify and pyautoattack differ")
 
 
 if __name__ == "__main__":

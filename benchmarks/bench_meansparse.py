@@ -187,17 +187,27 @@ def use_published(model: nn.Module, on: bool) -> None:
 
 
 # -- models ----------------------------------------------------------------------------------
+AT_WEIGHTS = SHARED / "models" / "resnet18_at_relu.pt"
+DATA = SHARED / "data" / "cifar10_subset.npz"  # the evaluation benchmarks' --data default
+
+
+def load_benchmark_model(spec: str = "aa-resnet18", device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """``spec`` as the benchmarks load it: aa-resnet18 with the adversarially trained weights of ../shared,
+    timm models untrained; a tiny model (tests' ``tinynets:tiny_cnn``) makes a quick dry run."""
+    kwargs: dict[str, object] = {"device": device}
+    if spec == "aa-resnet18" and AT_WEIGHTS.is_file():
+        kwargs["weights"] = AT_WEIGHTS
+    if spec.startswith("timm:"):
+        kwargs["pretrained"] = False
+    return rb.load_model(spec, **kwargs)
+
+
 def build(
     spec: str, batch: int, alpha: float, device: torch.device
 ) -> tuple[nn.Module, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     """Base model, robustified copy (calibrated), a fused copy of that, inputs and labels."""
-    kwargs: dict[str, object] = {}
-    if spec == "aa-resnet18" and (SHARED / "models" / "resnet18_at_relu.pt").is_file():
-        kwargs["weights"] = SHARED / "models" / "resnet18_at_relu.pt"
-    if spec.startswith("timm:"):
-        kwargs["pretrained"] = False
-    base, info = rb.load_model(spec, **kwargs)
-    robust, _ = rb.load_model(spec, **kwargs)
+    base, info = load_benchmark_model(spec)
+    robust, _ = load_benchmark_model(spec)
     if spec.startswith("timm:"):
         robust.load_state_dict(base.state_dict())
     base, robust = base.eval().to(device), robust.eval().to(device)
@@ -205,7 +215,7 @@ def build(
         p.requires_grad_(False)  # as during evaluation: input gradients only
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *info.input_size, generator=g)
-    npz = SHARED / "data" / "cifar10_subset.npz"
+    npz = DATA
     if tuple(info.input_size) == (3, 32, 32) and npz.is_file():
         import numpy as np
 

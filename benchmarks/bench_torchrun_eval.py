@@ -36,32 +36,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run(cmd: list[str], env: dict[str, str]) -> None:
+    """Run ``cmd``; on failure show its last output lines (the check needs them on a remote GPU)."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write("\n".join((proc.stdout + proc.stderr).splitlines()[-30:]) + "\n")
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--nproc", type=int, default=2, help="torchrun processes (with --device cuda: one GPU each)")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, process i on cuda:i)")
+    p.add_argument("--n-calib", type=int, default=512)
+    p.add_argument("--model", default="aa-resnet18", help="aa-resnet18 gets the AT weights of ../shared")
+    p.add_argument("--data", default=str(SHARED / "data" / "cifar10_subset.npz"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "torchrun_eval.csv"))
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
-    data, weights = SHARED / "data" / "cifar10_subset.npz", SHARED / "models" / "resnet18_at_relu.pt"
+    data, weights = args.data, SHARED / "models" / "resnet18_at_relu.pt"
     cal = work / "cal.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "robustify", "calibrate", "aa-resnet18", "--weights", str(weights),
-                    "--data", str(data), "--n-calib", "512", "--out", str(cal)], check=True, env=env,
-                   capture_output=True)
-    common = ["evaluate", "aa-resnet18", "--weights", str(weights), "--data", str(data), "--defense", "meansparse",
+    model = [args.model, "--weights", str(weights)] if args.model == "aa-resnet18" else [args.model]
+    run([sys.executable, "-m", "robustify", "calibrate", *model, "--data", str(data),
+         "--n-calib", str(args.n_calib), "--device", args.device, "--out", str(cal)], env)
+    common = ["evaluate", *model, "--data", str(data), "--defense", "meansparse",
               "--defense-weights", str(cal), "--n-examples", str(args.n), "--attacks", "apgd-ce,bpda",
-              "--apgd-iters", str(args.iters), "--attack-batch-size", "16", "--no-progress"]
+              "--apgd-iters", str(args.iters), "--attack-batch-size", "16", "--no-progress", "--device", args.device]
     runs = {
         "1 process": [sys.executable, "-m", "robustify", *common, "--out", str(work / "one")],
-        "torchrun 2 processes": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                                  f"--master_port={free_port()}", "-m", "robustify", *common,
                                  "--out", str(work / "two")],
     }
     wall = {}
     for name, cmd in runs.items():
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, capture_output=True)
+        run(cmd, env)
         wall[name] = time.perf_counter() - start
     one = json.loads((work / "one" / "result.json").read_text())
     two = json.loads((work / "two" / "result.json").read_text())
@@ -70,16 +83,17 @@ def main() -> None:
     row = {
         "command": "python benchmarks/bench_torchrun_eval.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, 1 thread per process",
-        "n_examples": args.n, "apgd_iters": args.iters,
-        "wall_1_process_s": round(wall["1 process"], 1), "wall_torchrun_2_s": round(wall["torchrun 2 processes"], 1),
-        "speedup": round(wall["1 process"] / wall["torchrun 2 processes"], 3),
+        "model": args.model, "n_examples": args.n, "apgd_iters": args.iters,
+        "device": args.device, "backend": "nccl" if args.device.startswith("cuda") else "gloo", "nproc": args.nproc,
+        "wall_1_process_s": round(wall["1 process"], 1), "wall_torchrun_s": round(wall["torchrun"], 1),
+        "speedup": round(wall["1 process"] / wall["torchrun"], 3),
         "identical_results": identical, "worst_case_acc": one["worst_case_acc"],
     }
     with atomic_path(args.out) as tmp:
         pd.DataFrame([row]).to_csv(tmp, index=False)
     print(pd.DataFrame([row]).T.to_string())
     if not identical:
-        raise SystemExit("1-process and 2-process results differ")
+        raise SystemExit(f"1-process and {args.nproc}-process results differ")
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .attacks import AttackConfig, threat_norm
     from .config import MeanSparseConfig
     from .leaderboard import to_markdown, write_leaderboard
-    from .pipeline import EvaluationJob, run_evaluation
+    from .pipeline import EvaluationJob, not_robust_warning, run_evaluation
 
     out = Path(args.out)
     attack = AttackConfig(attacks=("apgd-ce", "bpda"), norm=threat_norm(args.threat_model), dataset=args.dataset,
@@ -216,4 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"base: clean {100 * base.clean_acc:.2f}%, worst case {100 * base.worst_case_acc:.2f}%; "
           f"MeanSparse alpha={args.alpha:g}: clean {100 * defended.clean_acc:.2f}%, "
           f"worst case {100 * defended.worst_case_acc:.2f}% -> {out / 'leaderboard' / 'leaderboard.md'}")
+    warning = not_robust_warning(base, args.model)
+    if warning:
+        logger.warning("%s", warning)
     return 0

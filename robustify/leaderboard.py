@@ -21,6 +21,7 @@ import pandas as pd
 from .attacks import ATTACKS, AUTOATTACK_SUITE, STANDARD, AttackConfig, autoattack_gaps
 from .config import format_eps
 from .io import atomic_path, write_json, write_text
+from .page import write_latex, write_page
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ def write_result_table(result_dir: str | Path) -> pd.DataFrame:
 
 
 def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:
-    """Rebuild ``leaderboard.csv``, ``leaderboard.md``, ``model_info/`` and plots from results."""
+    """Rebuild ``leaderboard.csv``, ``leaderboard.md``, ``index.html``, ``leaderboard.tex``, ``model_info/`` and
+    plots from results."""
     out = Path(out_dir)
     df = build_table(collect(results_root))
     with atomic_path(out / "leaderboard.csv") as tmp:
@@ -265,10 +267,13 @@ def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool
     for _, row in df.iterrows():
         write_json(out / "model_info" / str(row["dataset"]) / str(row["threat_model"]) / f"{row['settings_id']}.json",
                    model_info(row))
+    plot_files: list[Path] = []
     if plots and not df.empty:
         from .plots import plot_alpha_curves, plot_base_vs_defended
 
-        plot_alpha_curves(df, out / "plots")
-        plot_base_vs_defended(df, out / "plots")
+        plot_files += plot_alpha_curves(df, out / "plots")
+        plot_files += plot_base_vs_defended(df, out / "plots")
+    write_page(df, out, plot_files)
+    write_latex(df, out)
     logger.info("leaderboard with %d row(s) written to %s", len(df), out)
     return df

@@ -260,6 +260,20 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     return result
 
 
+#: Worst-case robust accuracy (fraction) at or below which the base model is taken as not adversarially trained.
+NOT_ROBUST_ACC = 0.01
+
+
+def not_robust_warning(base: EvalResult, model: str) -> str | None:
+    """One plain line when the base model is (nearly) never robust; MeanSparse needs an adversarially trained one."""
+    if base.worst_case_acc > NOT_ROBUST_ACC:
+        return None
+    return (f"{model} has {100 * base.worst_case_acc:.1f}% robust accuracy: it is probably not adversarially "
+            "trained, and MeanSparse is a post-training method for adversarially trained models; run one with "
+            "--model robustbench:NAME (e.g. robustbench:Engstrom2019Robustness) or --weights FILE "
+            "(e.g. --model aa-resnet18 --weights resnet18_at.pt)")
+
+
 # ------------------------------------------------------------------------------------------
 # alpha sweep
 # ------------------------------------------------------------------------------------------

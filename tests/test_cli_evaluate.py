@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from robustify.cli import main
-from tinynets import tiny_cnn
+from tinynets import write_labelled_npz
 
 TESTS = Path(__file__).resolve().parent
 QUICK = ["--eps", "2/255", "--apgd-iters", "3", "--square-queries", "10", "--adaptive-steps", "3",
@@ -26,14 +25,8 @@ QUICK = ["--eps", "2/255", "--apgd-iters", "3", "--square-queries", "10", "--ada
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory) -> Path:
     """Random images labelled by the tiny model itself (100% clean accuracy, attacks matter)."""
-    g = np.random.default_rng(0)
-    x_train = g.integers(0, 256, size=(96, 3, 32, 32), dtype=np.uint8)
-    x_test = g.integers(0, 256, size=(40, 3, 32, 32), dtype=np.uint8)
-    with torch.no_grad():
-        label = lambda x: tiny_cnn()(torch.from_numpy(x).float() / 255).argmax(1).numpy()  # noqa: E731
-        y_train, y_test = label(x_train), label(x_test)
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    write_labelled_npz(str(path), n_train=96, n_test=40)
     return path
 
 

@@ -50,3 +50,16 @@ def small_dm_wrn() -> nn.Module:
 
     torch.manual_seed(0)
     return DMWideResNet(num_classes=10, depth=10, width=1, activation_fn=nn.SiLU).eval()
+
+
+def write_labelled_npz(path: str, n_train: int = 96, n_test: int = 40) -> None:
+    """Random uint8 images labelled by :func:`tiny_cnn` itself (100% clean accuracy: attacks matter)."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    x_train = g.integers(0, 256, size=(n_train, 3, 32, 32), dtype=np.uint8)
+    x_test = g.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8)
+    model = tiny_cnn()
+    with torch.no_grad():
+        y_train, y_test = (model(torch.from_numpy(x).float() / 255).argmax(1).numpy() for x in (x_train, x_test))
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
