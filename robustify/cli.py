@@ -71,11 +71,18 @@ CALIB_BATCH_HELP = "calibration batch size (default: 256, or the published 512 w
 def add_data_args(p: argparse.ArgumentParser, required: bool = False, batch_size: int | None = 128,
                   batch_help: str | None = None) -> None:
     p.add_argument("--data", default=None if required else "cifar10", required=required,
-                   help="cifar10, cifar100, imagenet:DIR or a .npz file (x_train, y_train, x_test, y_test)")
+                   help="cifar10, cifar100, imagenet:DIR, folder:DIR or a .npz file (x_train, y_train, x_test, y_test)")
     p.add_argument("--holdout", type=int, default=0,
                    help="training examples held out from calibration (for choosing alpha)")
-    p.add_argument("--n-calib", type=int, default=None, help="use only the first N calibration examples")
+    p.add_argument("--n-calib", type=int, default=None,
+                   help="use only N calibration examples (the first; class-spread on an image folder)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    add_workers_arg(p)
+
+
+def add_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes (default: one per CPU, at most 8, for image folders; 0 for tensors)")
 
 
 def meansparse_config(args: argparse.Namespace) -> Any:
@@ -152,7 +159,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model = insert_meansparse(model, info.example_input(device=args.device), config)
     batch_size = config.calibration_batch_size(args.batch_size)
     batches = calibration_loader(args.data, info, holdout=args.holdout, n_calib=args.n_calib,
-                                 batch_size=batch_size, cache_dir=args.cache_dir)
+                                 batch_size=batch_size, cache_dir=args.cache_dir, workers=args.workers,
+                                 device=args.device)
     counts = calibrate(model, batches, device=args.device)
     from . import distributed
 

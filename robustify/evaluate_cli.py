@@ -7,7 +7,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import CALIB_BATCH_HELP, add_meansparse_args, add_model_args, meansparse_config, register_command
+from .cli import (CALIB_BATCH_HELP, add_meansparse_args, add_model_args, add_workers_arg, meansparse_config,
+                  register_command)
 
 logger = logging.getLogger("robustify")
 
@@ -58,12 +59,14 @@ def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                    help="MeanSparse calibration file, or trained defense parameters from `robustify train` "
                         "(a --weights file with a robustify sidecar is taken as this too)")
     add_meansparse_args(p)
-    p.add_argument("--data", default="cifar10", help="cifar10, cifar100, imagenet:DIR or a .npz file")
+    p.add_argument("--data", default="cifar10", help="cifar10, cifar100, imagenet:DIR, folder:DIR or a .npz file")
     p.add_argument("--n-examples", type=int, default=200 if sweep else 1000)
     p.add_argument("--holdout", type=int, default=500 if sweep else 0,
                    help="training examples held out from calibration")
-    p.add_argument("--n-calib", type=int, default=None, help="calibrate on the first N training examples only")
+    p.add_argument("--n-calib", type=int, default=None,
+                   help="calibrate on N training examples only (the first; class-spread on an image folder)")
     p.add_argument("--calib-batch-size", type=int, default=None, help=CALIB_BATCH_HELP)
+    add_workers_arg(p)
     p.add_argument("--out", required=True, help="results directory (resumable: rerun the same command to resume)")
     p.add_argument("--leaderboard-dir", default=None,
                    help="rebuild this leaderboard from every result next to --out when done")
@@ -82,7 +85,7 @@ def job_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         model=args.model, defense=args.defense, data=args.data, dataset=args.dataset,
         threat_model=args.threat_model, weights=args.weights, defense_weights=args.defense_weights,
         pretrained=args.pretrained, cache_dir=args.cache_dir, device=args.device, n_examples=args.n_examples,
-        holdout=args.holdout, n_calib=args.n_calib, calib_batch_size=args.calib_batch_size,
+        holdout=args.holdout, n_calib=args.n_calib, calib_batch_size=args.calib_batch_size, workers=args.workers,
         meansparse=meansparse_config(args), attack=attack_config(args), out=args.out,
         leaderboard_dir=args.leaderboard_dir, progress=args.progress, compile=args.compile,
         precision=args.precision,
@@ -159,7 +162,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, positional=False)
     p.add_argument("--model", default="aa-resnet18")
-    p.add_argument("--data", default="cifar10", help="cifar10 (downloaded), or offline: a .npz file")
+    p.add_argument("--data", default="cifar10", help="cifar10 (downloaded), or offline: a .npz file, imagenet:DIR")
+    add_workers_arg(p)
     p.add_argument("--alpha", type=float, default=0.2)
     p.add_argument("--n-examples", type=int, default=100)
     p.add_argument("--n-calib", type=int, default=5000)
@@ -172,14 +176,15 @@ def _check_identity(job, calibration: Path) -> None:  # type: ignore[no-untyped-
     """Sanity check of the inserted model: at alpha=0 it must reproduce the base model exactly."""
     import torch
 
-    from .data import load_data, to_tensors
+    from .data import load_model_data, to_tensors
     from .meansparse import set_alpha
     from .models import load_model
     from .state import load_calibration
 
     base, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=job.weights,
                             pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
-    x, _ = to_tensors(load_data(job.data, "test", n=min(16, job.n_examples), cache_dir=job.cache_dir))
+    x, _ = to_tensors(load_model_data(job.data, "test", info, n=min(16, job.n_examples), cache_dir=job.cache_dir),
+                      workers=job.workers)
     x = x.to(job.device)
     with torch.no_grad():
         reference = base(x)
@@ -206,6 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, dataset=args.dataset, threat_model=args.threat_model,
         weights=args.weights, pretrained=args.pretrained, cache_dir=args.cache_dir, device=args.device,
         n_examples=args.n_examples, n_calib=args.n_calib, attack=attack, out=str(out / "results" / "base"),
+        workers=args.workers,
     )
     base = run_evaluation(base_job)
     defended_dir = out / "results" / f"meansparse_{args.alpha:g}"

@@ -55,11 +55,19 @@ class ModelInfo:
     weights: str | None = None
     pretrained: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None  # for image files: see robustify.preprocessing
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         return d
+
+    def transform(self) -> Any:
+        """The PIL-image -> [0, 1] tensor transform for this model (see :mod:`robustify.preprocessing`)."""
+        from .preprocessing import build_transform
+
+        return build_transform(self.preprocessing, model=self.name, dataset=self.dataset,
+                               threat_model=self.threat_model)
 
     def example_input(self, batch: int = 2, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.zeros(batch, *self.input_size, device=device)
@@ -282,6 +290,8 @@ def load_model(
         logger.info("loaded weights from %s", weights)
     if source == "robustbench":
         model = _convert_published(model, input_size)
+    from .preprocessing import model_preprocessing
+
     info = ModelInfo(
         spec=spec,
         source=source,
@@ -292,5 +302,6 @@ def load_model(
         num_classes=num_classes,
         weights=str(weights) if weights is not None else None,
         pretrained=pretrained,
+        preprocessing=model_preprocessing(source, name, dataset, threat_model, target),
     )
     return model.to(device).eval(), info

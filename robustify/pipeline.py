@@ -21,7 +21,7 @@ from . import distributed
 from .attacks import AttackConfig, threat_norm
 from .calibrate import calibrate
 from .config import MeanSparseConfig
-from .data import check_image_size, load_data, loader, to_tensors
+from .data import check_image_size, load_model_data, loader, reads_image_files, to_tensors
 from .evaluate import EvalResult, evaluate
 from .fast import PRECISIONS, for_evaluation
 from .insert import insert_meansparse
@@ -58,6 +58,7 @@ class EvaluationJob:
     holdout: int = 0
     n_calib: int | None = None
     calib_batch_size: int | None = None  # None: MeanSparseConfig.calibration_batch_size()
+    workers: int | None = None  # data-loading processes; None: one per CPU (max 8) for image files, 0 for tensors
     meansparse: MeanSparseConfig = field(default_factory=MeanSparseConfig)
     attack: AttackConfig | None = None  # None: the defaults for the job's dataset and threat model
     out: str = "runs/eval"
@@ -97,16 +98,20 @@ def calibration_loader(
     n_calib: int | None = None,
     batch_size: int = MeanSparseConfig.CALIB_BATCH_SIZE,
     cache_dir: str | None = None,
+    workers: int | None = None,
+    device: str | None = None,
 ) -> Any:
-    """The calibration batches: the training split minus its last ``holdout`` examples.
+    """The calibration batches: the training split minus its ``holdout`` examples, in the model's preprocessing.
 
-    ``n_calib`` keeps the first examples only; under torchrun each rank gets its shard (the
-    moments of all ranks are merged exactly by :func:`robustify.calibrate`).
+    ``n_calib`` keeps the first examples only (class-spread on an ImageFolder, see
+    :func:`robustify.data.load_data`); ``workers`` processes decode images (None: the
+    default of :func:`robustify.data.loader`), into pinned memory for a CUDA ``device``.
+    Under torchrun each rank gets its shard (the moments of all ranks are merged exactly by
+    :func:`robustify.calibrate`).
     """
     from torch.utils.data import Subset
 
-    ds = load_data(data, "train", holdout=holdout, cache_dir=cache_dir, num_classes=info.num_classes,
-                   channels=info.input_size[0])
+    ds = load_model_data(data, "train", info, holdout=holdout, cache_dir=cache_dir)
     check_image_size(tuple(ds[0][0].shape), info.input_size)
     if n_calib is not None:
         if not 0 < n_calib <= len(ds):
@@ -114,7 +119,7 @@ def calibration_loader(
         ds = Subset(ds, range(n_calib))
     if distributed.world_size() > 1:
         ds = Subset(ds, distributed.shard(len(ds)))
-    return loader(ds, batch_size)
+    return loader(ds, batch_size, workers=workers, device=device)
 
 
 def _check_cached(path: Path, job: EvaluationJob) -> None:
@@ -150,7 +155,8 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
     model = insert_meansparse(model, example, job.meansparse)
     batch_size = job.meansparse.calibration_batch_size(job.calib_batch_size)
     batches = calibration_loader(job.data, info, holdout=job.holdout, n_calib=job.n_calib,
-                                 batch_size=batch_size, cache_dir=job.cache_dir)
+                                 batch_size=batch_size, cache_dir=job.cache_dir, workers=job.workers,
+                                 device=job.device)
     calibrate(model, batches, device=job.device, progress=job.progress)
     if distributed.is_main():
         save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
@@ -216,6 +222,10 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
     }
     if job.precision != "float32":  # results depend on it; compiling changes float32 rounding only
         meta["precision"] = job.precision
+    if reads_image_files(job.data):  # how the image files were turned into the model's inputs
+        from .preprocessing import describe_transform
+
+        meta["preprocessing"] = {**(info.preprocessing or {}), "transform": describe_transform(info.transform())}
     return meta
 
 
@@ -244,9 +254,9 @@ def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[A
 def run_evaluation(job: EvaluationJob) -> EvalResult:
     """Load, defend, calibrate (or load statistics), evaluate, and rebuild the leaderboard."""
     model, info, source = build_defended_model(job)
-    data = load_data(job.data, job.split, n=job.n_examples, holdout=job.holdout if job.split == "holdout" else 0,
-                     cache_dir=job.cache_dir)
-    x, y = to_tensors(data)
+    data = load_model_data(job.data, job.split, info, n=job.n_examples,
+                           holdout=job.holdout if job.split == "holdout" else 0, cache_dir=job.cache_dir)
+    x, y = to_tensors(data, workers=job.workers)
     config, skipped = _applicable(job.attack, model, job.defense)
     meta = _job_meta(job, info, model)
     meta["not_applicable"] = skipped
@@ -314,8 +324,8 @@ def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float =
     grid = sorted(set([0.0, *map(float, alphas)]))
     job = replace(job, defense="meansparse", split="holdout", meansparse=replace(job.meansparse, alpha=grid[0]))
     model, info, _ = build_defended_model(job)
-    data = load_data(job.data, "holdout", n=job.n_examples, holdout=job.holdout, cache_dir=job.cache_dir)
-    x, y = to_tensors(data)
+    data = load_model_data(job.data, "holdout", info, n=job.n_examples, holdout=job.holdout, cache_dir=job.cache_dir)
+    x, y = to_tensors(data, workers=job.workers)
     attacked = _attacked(job, model)
     rows = []
     for alpha in grid:

@@ -102,7 +102,7 @@ def _frozen_default(args: argparse.Namespace) -> bool:
 
 @register_command("train", "insert Sparta or swap activations, train adversarially, save the defense", _train_args)
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_data, to_tensors
+    from .data import load_model_data, to_tensors
     from .sparta import load_sparta
     from .train import TrainConfig, apply_defense, defense_config, evaluate_pgd, save_defense, train_defense
 
@@ -131,7 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         defense = defense_config(args.defense, **_defense_options(args, frozen))
         model = apply_defense(model, example, defense)
     n = args.n_train
-    x, y = to_tensors(load_data(args.data, "train", n=n, holdout=args.holdout, cache_dir=args.cache_dir))
+    x, y = to_tensors(load_model_data(args.data, "train", info, n=n, holdout=args.holdout, cache_dir=args.cache_dir))
     result = train_defense(model, x.to(args.device), y.to(args.device), config,
                            checkpoint=args.checkpoint or f"{args.out}.ckpt", resume=args.resume, progress=args.progress)
     training = {**config.to_dict(), "data": args.data, "n_train": len(x), "holdout": args.holdout,
@@ -141,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"defense": args.defense, "out": args.out, "epochs": result.epochs,
                                "adv_loss": last.get("loss"), "adv_acc": last.get("adv_acc")}
     if args.eval_n:
-        xt, yt = to_tensors(load_data(args.data, "test", n=args.eval_n, cache_dir=args.cache_dir))
+        xt, yt = to_tensors(load_model_data(args.data, "test", info, n=args.eval_n, cache_dir=args.cache_dir))
         summary.update(evaluate_pgd(model, xt.to(args.device), yt.to(args.device), eps=config.eps, steps=10))
     print(json.dumps(summary))
     return 0
