@@ -150,7 +150,9 @@ def write_page(df: pd.DataFrame, out_dir: str | Path, plots: Sequence[str | Path
 
 def _latex_columns(df: pd.DataFrame) -> list[str]:
     ident = [c for c in ("rank", "model", "defense", "alpha", "eps", "n_examples") if c in df.columns]
-    accs = [c for c in df.columns if c.endswith("_acc") and pd.api.types.is_numeric_dtype(df[c])]
+    # accuracy columns with at least one number (an all-empty column, e.g. autoattack_acc where no row earned it,
+    # is left out whether it reads as None objects from the results or as NaN from the CSV)
+    accs = [c for c in df.columns if c.endswith("_acc") and pd.to_numeric(df[c], errors="coerce").notna().any()]
     return ident + accs
 
 
@@ -161,6 +163,7 @@ def to_latex(df: pd.DataFrame) -> str:
     if "alpha" in view.columns:
         view["alpha"] = view["alpha"].map(lambda a: "" if _missing(a) else f"{a:g}")
     accs = [c for c in cols if c.endswith("_acc")]
+    view[accs] = view[accs].apply(pd.to_numeric, errors="coerce")
     styler = (view.style.hide(axis="index")
               .format(escape="latex", na_rep="--")
               .format("{:.2f}", subset=accs, na_rep="--")
