@@ -220,7 +220,8 @@ def _robustbench(name: str, dataset: str, threat_model: str, pretrained: bool, c
     paths = rb_zoo.checkpoint_paths(model_dir, name, dataset, threat_model, zoo[name])
     rb_zoo.check_checkpoint_files(paths)
     try:
-        return rb_load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
+        with rb_zoo.cuda_calls_stay_on_cpu():
+            return rb_load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
     except Exception as exc:  # noqa: BLE001 - network/gdown errors are many and varied
         rb_zoo.check_checkpoint_files(paths)  # the download may have saved an HTML page
         where = f"place the checkpoint at {str(paths[0])!r}, or " if paths else ""

@@ -208,6 +208,19 @@ def _parameter_sharing_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+def _trace_leaving_attributes(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
+    """``tracer.trace(model)``, then every module's attributes as they were before: a forward that
+    assigns one (``self.t = self.t.type_as(x)``, as RobustBench's SODEF layers do) would leave an
+    fx Proxy there, and the next real forward would fail."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        return tracer.trace(model)
+    finally:
+        for module, attributes in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+
+
 def modularize(model: nn.Module) -> nn.Module:
     """Return ``model`` with one activation module per activation call (see module doc).
 
@@ -215,7 +228,7 @@ def modularize(model: nn.Module) -> nn.Module:
     """
     try:
         tracer = _ActivationLeafTracer()
-        graph = tracer.trace(model)
+        graph = _trace_leaving_attributes(tracer, model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "modules only"
         logger.warning(
             "torch.fx could not trace %s (%s): functional activation calls (F.relu, ...) are not "

@@ -3,7 +3,8 @@
 * :func:`build_architecture` builds a zoo entry with random weights and never downloads:
   entries that ``robustbench.utils.load_model`` serves through timm are built through timm
   the same way (its zoo lambdas for them ask timm for misspelt names, and for weights), and
-  entries whose lambda downloads torchvision weights are built without them.
+  entries whose lambda downloads torchvision weights are built without them; on a machine
+  without CUDA, constructors that call ``.cuda()`` leave their tensors on the CPU.
 * :func:`checkpoint_paths` is where ``robustbench.utils.load_model`` reads (and downloads)
   an entry's checkpoint under ``model_dir``; a file placed there is loaded offline.
 * :func:`check_checkpoint_files` refuses an HTML page saved in place of a checkpoint
@@ -13,14 +14,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .models import DATASET_CLASSES, ModelLoadError, first_line, html_page_error
 
-__all__ = ["build_architecture", "check_checkpoint_files", "checkpoint_paths", "robustbench_timm_name", "zoo_entries"]
+__all__ = ["build_architecture", "check_checkpoint_files", "checkpoint_paths", "cuda_calls_stay_on_cpu",
+           "robustbench_timm_name", "zoo_entries"]
 
 
 def zoo_entries() -> Iterator[tuple[str, str, str]]:
@@ -62,6 +66,21 @@ def check_checkpoint_files(paths: list[Path]) -> None:
             raise ModelLoadError(message)
 
 
+@contextmanager
+def cuda_calls_stay_on_cpu() -> Iterator[None]:
+    """Without CUDA, ``tensor.cuda()`` returns the tensor: some zoo constructors put constants on the
+    GPU unconditionally (``bit_rn.ResNetV2``'s mean and std, in the ``Bai2023Improving_*`` entries)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda  # type: ignore[method-assign]
+
+
 def _standard_r50() -> nn.Module:
     """ImageNet ``Standard_R50`` without the torchvision download its zoo lambda does."""
     from robustbench.model_zoo.architectures.utils_architectures import normalize_model
@@ -86,7 +105,8 @@ def build_architecture(name: str, dataset: str, threat_model: str, entry: dict[s
         return timm.create_model(timm_name, num_classes=DATASET_CLASSES[dataset], pretrained=False)
     build = _ARCHITECTURES.get((dataset, name), entry["model"])
     try:
-        return build()
+        with cuda_calls_stay_on_cpu():
+            return build()
     except Exception as exc:  # noqa: BLE001 - a zoo entry can fail in any way
         raise ModelLoadError(
             f"RobustBench's zoo entry {name!r} ({dataset}/{threat_model}) does not build: "

@@ -110,3 +110,27 @@ def test_offline_without_a_cached_checkpoint_says_where_to_put_it(tmp_path: Path
         load_model("robustbench:Ding2020MMA", cache_dir=tmp_path)
     assert "\n" not in str(exc.value)
     assert f"place the checkpoint at {str(tmp_path / 'robustbench' / 'cifar10' / 'Linf' / 'Ding2020MMA.pt')!r}" in str(exc.value)
+
+
+class _AssignsInForward(torch.nn.Module):
+    """Like RobustBench's SODEF layer: forward reassigns a tensor attribute, then does what fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.act = torch.nn.ReLU()
+        self.t = torch.tensor([0.0, 5.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.t = self.t.type_as(x)
+        if not isinstance(self.t, torch.Tensor):  # an fx Proxy is not a tensor: tracing stops here
+            raise TypeError("t must be a torch.Tensor")
+        return self.act(self.conv(x)) * self.t[1]
+
+
+def test_planning_leaves_attributes_that_forward_assigns(one_thread) -> None:
+    """cifar10/Linf/Kang2021Stable failed its plan: fx tracing left a Proxy in the model."""
+    model = _AssignsInForward()
+    _, sites = plan(model, torch.rand(1, 3, 4, 4), MeanSparseConfig())
+    assert isinstance(model.t, torch.Tensor) and [s.name for s in sites] == ["act"]
+    assert model(torch.rand(1, 3, 4, 4)).shape == (1, 4, 4, 4)
