@@ -134,3 +134,27 @@ def test_planning_leaves_attributes_that_forward_assigns(one_thread) -> None:
     _, sites = plan(model, torch.rand(1, 3, 4, 4), MeanSparseConfig())
     assert isinstance(model.t, torch.Tensor) and [s.name for s in sites] == ["act"]
     assert model(torch.rand(1, 3, 4, 4)).shape == (1, 4, 4, 4)
+
+
+class _CudaConstants(torch.nn.Module):
+    """Like RobustBench's bit_rn.ResNetV2 (Bai2023Improving_*): constants put on the GPU in __init__."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1).cuda()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((x - self.mean).mean((2, 3)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds as written where CUDA exists")
+def test_an_entry_that_calls_cuda_builds_on_a_cpu_only_machine() -> None:
+    from robustify.zoo import build_architecture
+
+    with pytest.raises((RuntimeError, AssertionError)):
+        _CudaConstants()
+    model = build_architecture("Nobody2024Cuda", "cifar10", "Linf", {"model": _CudaConstants, "gdrive_id": "x"})
+    assert model.mean.device.type == "cpu" and model(torch.rand(1, 3, 4, 4)).shape == (1, 2)
+    with pytest.raises((RuntimeError, AssertionError)):  # and .cuda() is itself again afterwards
+        torch.zeros(1).cuda()
