@@ -158,3 +158,14 @@ def test_an_entry_that_calls_cuda_builds_on_a_cpu_only_machine() -> None:
     assert model.mean.device.type == "cpu" and model(torch.rand(1, 3, 4, 4)).shape == (1, 2)
     with pytest.raises((RuntimeError, AssertionError)):  # and .cuda() is itself again afterwards
         torch.zeros(1).cuda()
+
+
+def test_inspect_a_zoo_entry_offline_needs_no_checkpoint(tmp_path: Path, no_network, capsys) -> None:
+    import json
+
+    from robustify.cli import main
+
+    assert main(["inspect", "robustbench:Ding2020MMA", "--cache-dir", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["pretrained"] is False and len(out["sites"]) == 25  # WRN-28: 3 groups x 4 blocks x 2 + 1
+    assert not any(tmp_path.iterdir())
