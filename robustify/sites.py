@@ -211,14 +211,17 @@ def _parameter_sharing_copy(module: nn.Module) -> nn.Module:
 def _trace_leaving_attributes(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
     """``tracer.trace(model)``, then every module's attributes as they were before: a forward that
     assigns one (``self.t = self.t.type_as(x)``, as RobustBench's SODEF layers do) would leave an
-    fx Proxy there, and the next real forward would fail."""
+    fx Proxy there, and the next real forward would fail. Attributes the tracer adds (tensor
+    constants) stay: the graph refers to them."""
     saved = [(m, dict(vars(m))) for m in model.modules()]
     try:
         return tracer.trace(model)
     finally:
-        for module, attributes in saved:
-            vars(module).clear()
-            vars(module).update(attributes)
+        for module, before in saved:
+            now = vars(module)
+            for key in [k for k, v in now.items() if k not in before and isinstance(v, fx.Proxy)]:
+                del now[key]
+            now.update(before)
 
 
 def modularize(model: nn.Module) -> nn.Module:

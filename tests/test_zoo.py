@@ -136,6 +136,16 @@ def test_planning_leaves_attributes_that_forward_assigns(one_thread) -> None:
     assert model(torch.rand(1, 3, 4, 4)).shape == (1, 4, 4, 4)
 
 
+class _TensorConstant(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu(x + torch.tensor([1.0]))  # fx stores the constant on the model
+
+
+def test_planning_keeps_the_tensor_constants_fx_adds(one_thread) -> None:
+    prepared, sites = plan(_TensorConstant(), torch.rand(1, 3, 4, 4), MeanSparseConfig())
+    assert [s.name for s in sites] == ["relu_0"] and prepared(torch.zeros(1, 3, 4, 4)).eq(1).all()
+
+
 class _CudaConstants(torch.nn.Module):
     """Like RobustBench's bit_rn.ResNetV2 (Bai2023Improving_*): constants put on the GPU in __init__."""
 
