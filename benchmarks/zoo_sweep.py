@@ -11,7 +11,7 @@ Usage::
 
     nice -n 19 python benchmarks/zoo_sweep.py                      # every entry (~200)
     python benchmarks/zoo_sweep.py --only 'cifar10/Linf/*' --timeout 120
-    python benchmarks/zoo_sweep.py --resume                         # skip entries already in the CSV
+    python benchmarks/zoo_sweep.py --resume --timeout 900           # skip finished entries, retry timeouts
 
 Writes ``benchmarks/results/zoo_sweep.csv`` (one row per entry, appended as it goes) and
 ``zoo_sweep.md`` beside it (the command, the totals and every failure).
@@ -24,6 +24,7 @@ import csv
 import fnmatch
 import logging
 import multiprocessing as mp
+import os
 import resource
 import shlex
 import socket
@@ -105,15 +106,27 @@ def run_entry(dataset: str, threat_model: str, name: str, timeout: float) -> dic
     return {"dataset": dataset, "threat_model": threat_model, "name": name, **row}
 
 
-def _done(csv_path: Path) -> set[tuple[str, str, str]]:
+def _keep_finished(csv_path: Path) -> set[tuple[str, str, str]]:
+    """Drop the CSV's timeout/died rows (to run them again); return the entries it still holds."""
     if not csv_path.exists():
         return set()
     with csv_path.open() as f:
-        return {(r["dataset"], r["threat_model"], r["name"]) for r in csv.DictReader(f)}
+        rows = [r for r in csv.DictReader(f) if r["status"] not in ("timeout", "died")]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return {(r["dataset"], r["threat_model"], r["name"]) for r in rows}
 
 
-def write_summary(csv_path: Path, command: str) -> Path:
-    """The sidecar ``.md``: command, totals per leaderboard, every failure."""
+def _previous_commands(md: Path) -> list[str]:
+    if not md.exists():
+        return []
+    return [line[len("Command: `"):-1] for line in md.read_text().splitlines() if line.startswith("Command: `")]
+
+
+def write_summary(csv_path: Path, commands: list[str]) -> Path:
+    """The sidecar ``.md``: the command(s) that made the CSV, totals per leaderboard, every failure."""
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
     per_board: dict[tuple[str, str], Counter] = {}
@@ -122,8 +135,7 @@ def write_summary(csv_path: Path, command: str) -> Path:
     lines = [
         "# RobustBench model zoo sweep (architecture only)",
         "",
-        f"Command: `{command}`",
-        "",
+        *(line for command in commands for line in (f"Command: `{command}`", "")),
         f"{sum(r['status'] in ('ok', 'plan-error') for r in rows)} of {len(rows)} entries build without weights; "
         f"{sum(r['status'] == 'ok' for r in rows)} also get a default MeanSparse plan.",
         "",
@@ -147,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo_sweep.csv")
     parser.add_argument("--only", action="append", default=None, help="glob on DATASET/THREAT/NAME (repeatable)")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per entry")
-    parser.add_argument("--resume", action="store_true", help="keep the CSV and skip the entries already in it")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the CSV and skip the entries it holds (timeouts and deaths run again)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import robustify.insert  # noqa: F401 - imported once here, shared by every forked child
 
     entries = [e for e in zoo_entries() if not args.only or any(fnmatch.fnmatch("/".join(e), g) for g in args.only)]
-    done = _done(args.out) if args.resume else set()
+    done = _keep_finished(args.out) if args.resume else set()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new = not (args.resume and args.out.exists())
     with args.out.open("w" if new else "a", newline="") as f:
@@ -168,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             writer.writerow(run_entry(*entry, timeout=args.timeout))
             f.flush()
-    command = "python benchmarks/zoo_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    logger.info("wrote %s and %s", args.out, write_summary(args.out, command.strip()))
+    niceness = os.nice(0)
+    command = (f"nice -n {niceness} " if niceness else "") + "python benchmarks/zoo_sweep.py " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:]))
+    earlier = _previous_commands(args.out.with_suffix(".md")) if args.resume else []
+    logger.info("wrote %s and %s", args.out, write_summary(args.out, [*earlier, command.strip()]))
     return 0
 
 
