@@ -122,7 +122,7 @@ def _keep_finished(csv_path: Path) -> set[tuple[str, str, str]]:
 def _previous_commands(md: Path) -> list[str]:
     if not md.exists():
         return []
-    return [line[len("Command: `"):-1] for line in md.read_text().splitlines() if line.startswith("Command: `")]
+    return [line.split("`")[1] for line in md.read_text().splitlines() if line.startswith("Command: `")]
 
 
 def write_summary(csv_path: Path, commands: list[str]) -> Path:
