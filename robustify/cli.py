@@ -101,7 +101,9 @@ def meansparse_config(args: argparse.Namespace) -> Any:
     )
 
 
-def load_model_from_args(args: argparse.Namespace, spec: str | None = None) -> tuple[Any, Any]:
+def load_model_from_args(args: argparse.Namespace, spec: str | None = None, download: bool = True) -> tuple[Any, Any]:
+    """``load_model`` with the model flags; ``download=False`` builds the architecture only
+    (a local ``--weights`` file is still read), as planning needs no weights."""
     from .models import load_model
 
     return load_model(
@@ -109,7 +111,7 @@ def load_model_from_args(args: argparse.Namespace, spec: str | None = None) -> t
         dataset=args.dataset,
         threat_model=args.threat_model,
         weights=args.weights,
-        pretrained=args.pretrained,
+        pretrained=args.pretrained and download,
         cache_dir=args.cache_dir,
         device=args.device,
     )
@@ -124,11 +126,12 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-@register_command("inspect", "print the insertion plan (sites, activation, channel axis, channels)", _inspect_args)
+@register_command("inspect", "print the insertion plan (sites, activation, channel axis, channels); builds the "
+                  "architecture only, never downloads weights", _inspect_args)
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .insert import plan
 
-    model, info = load_model_from_args(args)
+    model, info = load_model_from_args(args, download=False)
     _, sites = plan(model, info.example_input(device=args.device), meansparse_config(args))
     if args.json:
         print(json.dumps({"model": info.to_dict(), "sites": [s.to_dict() for s in sites]}, indent=2))
@@ -178,14 +181,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     _load_command_modules()
     parser = argparse.ArgumentParser(prog="robustify", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    _add_global_flags(parser, debug=False, verbose=0)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # after the command too; SUPPRESS keeps its parser from resetting what came before it
+        _add_global_flags(p, debug=argparse.SUPPRESS, verbose=argparse.SUPPRESS)
         add_arguments(p)
         p.set_defaults(_run=run)
     return parser
+
+
+def _add_global_flags(p: argparse.ArgumentParser, debug: Any, verbose: Any) -> None:
+    p.add_argument("--debug", action="store_true", default=debug, help="show tracebacks")
+    p.add_argument("-v", "--verbose", action="count", default=verbose, help="more log output (-vv: debug)")
 
 
 def _load_command_modules() -> None:

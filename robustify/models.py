@@ -5,7 +5,9 @@ Specs:
 * ``robustbench:NAME`` — RobustBench model zoo (``dataset``/``threat_model`` select the
   leaderboard; weights cached under ``cache_dir``). ``pretrained=False`` builds the
   architecture without downloading weights.
-* ``timm:NAME`` — a timm model (pretrained or not), wrapped with its input normalisation.
+* ``timm:NAME`` — a timm model (pretrained or not), wrapped with its input normalisation;
+  ``timm:hf-hub:ORG/NAME`` reads the model's ``config.json`` from the Hugging Face hub. Weights
+  come from the Hugging Face cache (``HF_HUB_CACHE``; with ``HF_HUB_OFFLINE=1``, only from it).
 * ``aa-resnet18`` — AutoAttack's example CIFAR-10 ResNet-18, whose weights ship inside the
   ``pyautoattack`` wheel.
 * ``package.module:function`` — any factory returning an ``nn.Module``.
@@ -18,6 +20,7 @@ always images in [0, 1]: normalisation lives inside the returned model.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -104,6 +107,32 @@ def default_cache_dir() -> Path:
 # ------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def html_page_error(path: str | Path) -> str | None:
+    """A one-line reason if the file at ``path`` is an HTML page (not weights), else ``None``.
+
+    Google Drive answers large or rate-limited downloads with an HTML confirmation or quota
+    page, which downloaders then save under the checkpoint's name.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        return None
+    if not head.startswith((b"<!doctype html", b"<html")):
+        return None
+    return (
+        f"checkpoint {str(path)!r} is an HTML page, not weights (a download, e.g. from Google Drive, "
+        "saved its confirmation or quota page): delete it and download the file again"
+    )
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``.
 
@@ -113,6 +142,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist")
+    html = html_page_error(path)
+    if html:
+        raise ModelLoadError(html)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -121,9 +153,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure is an unreadable checkpoint
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"cannot read checkpoint {str(path)!r}: {first} (truncated or corrupted file, or a pickle "
+            f"cannot read checkpoint {str(path)!r}: {first_line(exc)} (truncated or corrupted file, or a pickle "
             "with code, which is never executed: only plain tensors are accepted)"
         ) from exc
     for key in ("state_dict", "model_state_dict", "model", "net"):
@@ -187,37 +218,62 @@ def _robustbench(name: str, dataset: str, threat_model: str, pretrained: bool, c
             f"unknown RobustBench model {name!r} for {dataset}/{threat_model}"
             + (f"; similar names: {close}" if close else f" ({len(zoo)} models available)")
         )
+    from . import zoo as rb_zoo
+
     if not pretrained:
-        return zoo[name]["model"]()
+        return rb_zoo.build_architecture(name, dataset, threat_model, zoo[name])
     from robustbench.utils import load_model as rb_load_model
 
+    model_dir = cache_dir / "robustbench"
+    paths = rb_zoo.checkpoint_paths(model_dir, name, dataset, threat_model, zoo[name])
+    rb_zoo.check_checkpoint_files(paths)
     try:
-        return rb_load_model(name, model_dir=str(cache_dir / "robustbench"), dataset=dataset, threat_model=threat_model)
+        with rb_zoo.cuda_calls_stay_on_cpu():
+            return rb_load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
     except Exception as exc:  # noqa: BLE001 - network/gdown errors are many and varied
+        rb_zoo.check_checkpoint_files(paths)  # the download may have saved an HTML page
+        where = f"place the checkpoint at {str(paths[0])!r}, or " if paths else ""
         raise ModelLoadError(
-            f"could not download RobustBench weights for {name!r} ({type(exc).__name__}: {exc}); offline, "
-            "build the architecture with pretrained=False (--no-pretrained) and pass --weights FILE"
+            f"could not download RobustBench weights for {name!r} ({type(exc).__name__}: {first_line(exc)}); offline, "
+            f"{where}build the architecture with pretrained=False (--no-pretrained) and pass --weights FILE"
         ) from exc
 
 
 def _timm(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, tuple[int, int, int]]:
     import timm
 
-    if not timm.is_model(name):
+    if not name.startswith("hf-hub:") and not timm.is_model(name):  # hf-hub:ORG/NAME: config.json from the hub
         raise ModelLoadError(f"unknown timm model {name!r}")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     try:
         net = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(
-            f"could not create timm model {name!r} ({type(exc).__name__}: {exc}); offline, use "
-            "pretrained=False (--no-pretrained) with --weights FILE"
-        ) from exc
+        raise ModelLoadError(_timm_error(name, exc)) from exc
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     return NormalizedModel(net, mean, std), input_size  # type: ignore[return-value]
+
+
+def _timm_error(name: str, exc: Exception) -> str:
+    """One line on why timm could not create ``name``, and what to do offline."""
+    import timm
+    from timm.models._hub import has_hf_hub
+
+    if not has_hf_hub(necessary=False):
+        version = importlib.metadata.version("huggingface_hub") if importlib.util.find_spec("huggingface_hub") else None
+        return (
+            f"timm {timm.__version__} cannot use huggingface_hub {version} to fetch the weights of {name!r}: "
+            "pip install 'huggingface_hub<2'"
+        )
+    from huggingface_hub import constants
+
+    return (
+        f"could not create timm model {name!r} ({type(exc).__name__}: {first_line(exc)}); offline, put its weights in "
+        f"the Hugging Face cache ({constants.HF_HUB_CACHE}, with HF_HUB_OFFLINE=1), or use pretrained=False "
+        "(--no-pretrained) with --weights FILE"
+    )
 
 
 def _factory(path: str) -> nn.Module:

@@ -232,6 +232,22 @@ def _redirect_later_uses(x: fx.Node, activated: fx.Node) -> None:
     x.replace_all_uses_with(activated, delete_user_cb=lambda user: user in later)
 
 
+def _trace_leaving_attributes(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
+    """``tracer.trace(model)``, then every module's attributes as they were before: a forward that
+    assigns one (``self.t = self.t.type_as(x)``, as RobustBench's SODEF layers do) would leave an
+    fx Proxy there, and the next real forward would fail. Attributes the tracer adds (tensor
+    constants) stay: the graph refers to them."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        return tracer.trace(model)
+    finally:
+        for module, before in saved:
+            now = vars(module)
+            for key in [k for k, v in now.items() if k not in before and isinstance(v, fx.Proxy)]:
+                del now[key]
+            now.update(before)
+
+
 def modularize(model: nn.Module) -> nn.Module:
     """Return ``model`` with one activation module per activation call (see module doc).
 
@@ -239,7 +255,7 @@ def modularize(model: nn.Module) -> nn.Module:
     """
     try:
         tracer = _ActivationLeafTracer()
-        graph = tracer.trace(model)
+        graph = _trace_leaving_attributes(tracer, model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "modules only"
         logger.warning(
             "torch.fx could not trace %s (%s): functional activation calls (F.relu, ...) are not "

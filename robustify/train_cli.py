@@ -186,7 +186,7 @@ def _inspect_defense(args: argparse.Namespace) -> int:
     from .sparta import plan_sparta
     from .train import defense_config
 
-    model, info = load_model_from_args(args)
+    model, info = load_model_from_args(args, download=False)
     example = info.example_input(device=args.device)
     common = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude)}
     if args.defense.startswith("sparta"):

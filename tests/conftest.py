@@ -16,6 +16,8 @@ fixture            scope     what
                              10 classes, with 4 activation sites: ``act1`` (nn.ReLU module),
                              an ``F.relu`` call, ``act3`` (nn.SiLU) and ``x.relu()``
 ``one_thread``     function  run the test with ``torch.set_num_threads(1)`` (for tiny-tensor tests)
+``no_network``     function  every socket connection and DNS look-up raises ``OSError``: the test
+                             proves that a code path never downloads
 ``tiny_input``     function  ``torch.rand(6, 3, 8, 8)``, seeded
 ``check_insertion`` session  ``check(spec, side, n_sites, activation, dims, channels)``: loads
                              ``spec`` without weights, inserts and calibrates MeanSparse, asserts
@@ -69,6 +71,19 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any socket connection or DNS look-up raises, so a download attempt fails at once."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture

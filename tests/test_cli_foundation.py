@@ -128,11 +128,25 @@ def test_non_numeric_alpha_is_a_usage_error(capsys) -> None:
     assert "invalid float value: 'abc'" in capsys.readouterr().err
 
 
-def test_debug_shows_the_traceback(capsys) -> None:
+@pytest.mark.parametrize("argv", [["--debug", "inspect", "resnet18"], ["inspect", "resnet18", "--debug"]])
+def test_debug_shows_the_traceback(capsys, argv: list[str]) -> None:
+    """Before or after the command, as the error hint types it."""
     from robustify.models import ModelLoadError
 
+    message = _error_line(capsys, ["inspect", "resnet18"])
+    assert message.endswith("(rerun with --debug for the traceback)")
     with pytest.raises(ModelLoadError):
-        main(["--debug", "inspect", "resnet18"])
+        main(argv)
+
+
+def test_every_command_takes_debug_after_it(capsys) -> None:
+    from robustify.cli import COMMANDS, build_parser
+
+    build_parser()  # registers the commands of the other CLI modules
+    for name in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert "--debug" in capsys.readouterr().out, name
 
 
 def _cli(*args: str) -> list[str]:
