@@ -72,6 +72,7 @@ class EvalResult:
     seconds: dict[str, float]
     versions: dict[str, str]
     aa_checks: list[str] = field(default_factory=list)
+    data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -313,6 +314,7 @@ def evaluate(
         finally:
             journal.close()
     result.meta = meta
+    result.data_fingerprint = header["data_fingerprint"]
     result.aa_checks = aa_warnings.messages
     result.flags = audit(result)
     if directory is not None and main:

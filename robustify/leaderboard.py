@@ -19,6 +19,7 @@ import pandas as pd
 
 from .attacks import ATTACKS, STANDARD, AttackConfig
 from .io import atomic_path, write_json, write_text
+from .significance import LEVEL, ci_text, find_base, paired_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", 
 TAIL_COLUMNS = ["standard_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets", "precision",
                 "seconds", "settings_id",
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
+#: inserted after the worst-case interval: the paired comparison with the base row (significance.py)
+PAIRED_COLUMNS = ["delta_worst_case", "discordant", "mcnemar_p", "verdict", "base_settings_id"]
 VOLATILE = ("seconds", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
 
 
@@ -94,6 +97,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     std = _standard_acc(result)
     row["standard_acc"] = _pct(std) if std is not None else None
     row["worst_case_acc"] = _pct(result["worst_case_acc"])
+    _add_intervals(row)
     row["flags"] = ";".join(result.get("flags", []))
     skipped = meta.get("not_applicable") or {}
     row["not_applicable"] = "; ".join(f"{a}: {why}" for a, why in skipped.items())
@@ -110,6 +114,46 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["pyautoattack_version"] = versions.get("pyautoattack")
     row["result"] = result.get("_path", "")
     return row
+
+
+def _add_intervals(row: dict[str, Any]) -> None:
+    """A 95% exact interval ``<x>_ci95`` for every accuracy column ``<x>_acc`` of the row."""
+    for col in [c for c in row if c.endswith("_acc")]:
+        row[col[:-4] + "_ci95"] = ci_text(row[col], row["n_examples"])
+
+
+def _add_paired(df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
+    """For every defended row, the paired comparison with its base row (``PAIRED_COLUMNS``).
+
+    ``df``'s index is the position of each row's result in ``results``."""
+    df = df.copy()
+    kept = [results[i] for i in df.index]
+    for col in PAIRED_COLUMNS:
+        df[col] = None
+    for i in df.index:
+        found = find_base(results[i], kept)
+        if found is None:
+            continue
+        base, how = found
+        cmp = paired_comparison(results[i], base, how)
+        df.at[i, "delta_worst_case"] = round(cmp["difference"], 2)
+        df.at[i, "discordant"] = f"{cmp['base_only']}/{cmp['defended_only']}"
+        df.at[i, "mcnemar_p"] = float(f"{cmp['p_value']:.4g}")
+        df.at[i, "verdict"] = cmp["verdict"]
+        df.at[i, "base_settings_id"] = result_row(base)["settings_id"]
+    return df
+
+
+def _with_extras(order: list[str], columns: Any) -> list[str]:
+    """``order`` with each accuracy's interval after it and the paired columns after the worst case."""
+    out: list[str] = []
+    for col in order:
+        out.append(col)
+        if col.endswith("_acc") and col[:-4] + "_ci95" in columns:
+            out.append(col[:-4] + "_ci95")
+        if col == "worst_case_acc":
+            out.extend(PAIRED_COLUMNS)
+    return out
 
 
 def _eps_value(text: str) -> float:
@@ -141,6 +185,7 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=LEAD_COLUMNS + TAIL_COLUMNS)
     df = pd.DataFrame(rows).drop_duplicates(subset="settings_id", keep="last")
+    df = _add_paired(df, results)
     df = _flag_eps_monotonicity(df)
     df = df.sort_values(["worst_case_acc", "clean_acc", "model", "defense", "alpha"],
                         ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
@@ -148,7 +193,7 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     attack_cols = sorted((c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc",
                                                                                       "worst_case_acc")),
                          key=lambda c: (ATTACKS.index(c[:-4]) if c[:-4] in ATTACKS else len(ATTACKS), c))
-    order = LEAD_COLUMNS + attack_cols + TAIL_COLUMNS
+    order = _with_extras(LEAD_COLUMNS + attack_cols + TAIL_COLUMNS, df.columns)
     return df[[c for c in order if c in df.columns]].reset_index(drop=True)
 
 
@@ -158,10 +203,13 @@ def to_markdown(df: pd.DataFrame) -> str:
         return "_no results yet_\n"
     show = [c for c in df.columns if c not in ("settings_id", "result", "robustify_version", "torch_version",
                                                 "pyautoattack_version", "budgets", "attacks")]
-    show = [c for c in show if c != "not_applicable"]
+    show = [c for c in show if c != "not_applicable" and not c.endswith("_ci95") and c != "base_settings_id"]
     view = df[show].copy().astype(object)
     for col in view.columns:
         view[col] = view[col].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else v)
+    for col in [c for c in view.columns if c.endswith("_acc") and c[:-4] + "_ci95" in df.columns]:
+        ci = df[col[:-4] + "_ci95"].fillna("").astype(str)
+        view[col] = [f"{v} {c}" if c and v != "" else v for v, c in zip(view[col], ci)]
     for i, text in enumerate(df.get("not_applicable", pd.Series([""] * len(df))).fillna("")):
         for item in filter(None, str(text).split("; ")):
             col = item.split(":", 1)[0] + "_acc"
@@ -176,7 +224,12 @@ def to_markdown(df: pd.DataFrame) -> str:
         "column is the robust accuracy after that attack and all attacks before it (AutoAttack's convention); in\n"
         "`individual` mode each attack ran alone on every correctly classified example.\n"
         "`n/a`: the attack does not apply (BPDA without MeanSparse equals APGD; Sparta and smooth activations are\n"
-        "differentiable; a transfer attack from the base model onto itself is a white-box attack).\n\n"
+        "differentiable; a transfer attack from the base model onto itself is a white-box attack).\n"
+        "`[lo, hi]` after an accuracy: its exact 95% (Clopper-Pearson) interval over the `n_examples` images.\n"
+        "`delta_worst_case`: worst-case accuracy of the row minus that of its base row (same model, same examples,\n"
+        "same attacks, in points); `discordant`: examples robust only on the base / only on the defended row;\n"
+        f"`mcnemar_p`: exact McNemar test on them; `verdict`: `gain` or `loss` when p < {LEVEL}, else\n"
+        "`no significant gain`.\n\n"
         "Attack budgets:\n" + "".join(f"- `{b}`\n" for b in budgets)
     )
     return header + body + notes
@@ -205,6 +258,11 @@ def model_info(row: pd.Series) -> dict[str, Any]:
     }
     if worst < aa:
         info["external"] = f"{worst:.2f}"
+    info["intervals_95"] = {c[:-5]: row[c] for c in row.index if c.endswith("_ci95") and row[c]}
+    if row.get("verdict"):
+        info["paired_with_base"] = {"base_settings_id": row["base_settings_id"],
+                                    "delta_worst_case": row["delta_worst_case"], "discordant": row["discordant"],
+                                    "mcnemar_p": row["mcnemar_p"], "verdict": row["verdict"], "level": LEVEL}
     return info
 
 
