@@ -11,14 +11,15 @@ from .cli import add_meansparse_args, add_model_args, meansparse_config, registe
 
 logger = logging.getLogger("robustify")
 
-DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,adaptive,transfer"
+DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"  # BPDA ones: MeanSparse rows only
 
 
 def add_attack_args(p: argparse.ArgumentParser, attacks: str = DEFAULT_ATTACKS) -> None:
     g = p.add_argument_group("attacks")
     g.add_argument("--attacks", default=attacks,
                    help="comma-separated: apgd-ce, apgd-dlr, apgd-t, fab-t, square, autoattack, bpda "
-                        "(bpda-apgd-ce + bpda-apgd-dlr), adaptive, pgd, transfer")
+                        "(bpda-apgd-ce + bpda-apgd-dlr), bpda-apgd-t, bpda-fab-t, bpda-autoattack, soft-bpda, "
+                        "adaptive, pgd, transfer")
     g.add_argument("--eps", default="8/255", help="perturbation budget: a float or a fraction like 8/255")
     g.add_argument("--norm", default=None, help="Linf, L2 or L1 (default: the --threat-model)")
     g.add_argument("--seed", type=int, default=0)
