@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .attacks import BLACK_BOX, STANDARD, WHITE_BOX, AttackConfig, build_attack, make_autoattack
+from .cost import PassCounter, summarise
 from .data import DataError, validate_batch
 from .io import write_json
 from .memory import split_on_oom
@@ -73,6 +74,7 @@ class EvalResult:
     versions: dict[str, str]
     aa_checks: list[str] = field(default_factory=list)
     data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # per phase: passes and seconds (cost.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -383,14 +385,23 @@ def _run(
 
     def clean_batch(k: int, idx: list[int]) -> dict[str, Any]:
         start = time.perf_counter()
-        pred = _predict(model, x[idx].to(device)).cpu()
+        with PassCounter(model) as passes:
+            pred = _predict(model, x[idx].to(device)).cpu()
         return {"attack": "clean", "batch": k, "idx": idx, "broken": (pred != y[idx]).long().tolist(),
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
+
+    cost: dict[str, dict[str, Any]] = {}
+
+    def add_cost(name: str, records: list[dict[str, Any]]) -> None:
+        cost[name] = summarise(sum(r.get("forward", 0) for r in records), sum(r.get("backward", 0) for r in records),
+                               sum(r["seconds"] for r in records), sum(len(r["idx"]) for r in records))
 
     correct = torch.zeros(n, dtype=torch.bool)
-    for rec in _run_phase("clean", _chunks(list(range(n)), config.batch_size), clean_batch, journal, progress):
+    records = _run_phase("clean", _chunks(list(range(n)), config.batch_size), clean_batch, journal, progress)
+    for rec in records:
         correct[rec["idx"]] = ~torch.tensor(rec["broken"], dtype=torch.bool)
         seconds["clean"] = seconds.get("clean", 0.0) + rec["seconds"]
+    add_cost("clean", records)
 
     first = correct.nonzero().flatten()[: config.batch_size]
     if len(first):
@@ -408,12 +419,14 @@ def _run(
         attacked = torch.zeros(n, dtype=torch.bool)
 
         def attack_batch(k: int, idx: list[int], attack: Any = attack) -> dict[str, Any]:
-            return _attack_batch(model, attack, x, y, idx, k, config, device)
+            return _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,))
 
-        for rec in _run_phase(name, chunks, attack_batch, journal, progress):
+        records = _run_phase(name, chunks, attack_batch, journal, progress)
+        for rec in records:
             broken[rec["idx"]] = torch.tensor(rec["broken"], dtype=torch.bool)
             attacked[rec["idx"]] = True
             seconds[name] = seconds.get(name, 0.0) + rec["seconds"]
+        add_cost(name, records)
         per_attack[name] = torch.where(attacked, broken.long(), torch.full((n,), -1))
         robust &= ~broken
         acc[name] = float((correct & ~broken).float().mean()) if config.individual else float(robust.float().mean())
@@ -433,6 +446,7 @@ def _run(
         per_example=per_example,
         seconds=seconds,
         versions=_versions(),
+        cost=cost,
     )
 
 
@@ -440,6 +454,23 @@ _oom_state: dict[str, dict[str, int]] = {}
 
 
 def _attack_batch(
+    model: nn.Module,
+    attack: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: list[int],
+    k: int,
+    config: AttackConfig,
+    device: torch.device | str,
+    counted: tuple[nn.Module | None, ...] = (),
+) -> dict[str, Any]:
+    """Attack one batch; the record counts the forward/backward example-passes it took."""
+    with PassCounter(model, *counted) as passes:
+        record = _attack_batch_uncounted(model, attack, x, y, idx, k, config, device)
+    return {**record, "forward": passes.forward, "backward": passes.backward}
+
+
+def _attack_batch_uncounted(
     model: nn.Module,
     attack: Any,
     x: torch.Tensor,

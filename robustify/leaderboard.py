@@ -33,7 +33,9 @@ TAIL_COLUMNS = ["standard_acc", "worst_case_acc", "flags", "not_applicable", "at
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
 #: inserted after the worst-case interval: the paired comparison with the base row (significance.py)
 PAIRED_COLUMNS = ["delta_worst_case", "discordant", "mcnemar_p", "verdict", "base_settings_id"]
-VOLATILE = ("seconds", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
+#: inserted after ``seconds``: forward+backward example-passes in all, per example, and per attack
+COST_COLUMNS = ["passes", "passes_per_example", "cost", "seconds_per_attack"]
+VOLATILE = ("seconds", "seconds_per_attack", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
 
 
 def collect(root: str | Path) -> list[dict[str, Any]]:
@@ -105,6 +107,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["budgets"] = _budgets(config)
     row["precision"] = meta.get("precision", "float32")
     row["seconds"] = round(sum(result.get("seconds", {}).values()), 1)
+    row.update(_cost_columns(result))
     identity = {k: v for k, v in meta.items() if k not in ("started",)}
     key = json.dumps({"meta": identity, "config": config, "n": result["n_examples"]}, sort_keys=True, default=str)
     row["settings_id"] = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -114,6 +117,19 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["pyautoattack_version"] = versions.get("pyautoattack")
     row["result"] = result.get("_path", "")
     return row
+
+
+def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """``passes`` (forward + backward example-passes of every phase), per example; per attack
+    ``cost`` ``attack=F+B`` (forward and backward passes per attacked example) and
+    ``seconds_per_attack`` ``attack=S`` (wall seconds per attacked example)."""
+    cost = {a: c for a, c in (result.get("cost") or {}).items() if a != "clean"}
+    if not cost:
+        return {"passes": None, "passes_per_example": None, "cost": "", "seconds_per_attack": ""}
+    total = sum(c["forward"] + c["backward"] for c in (result.get("cost") or {}).values())
+    return {"passes": total, "passes_per_example": round(total / max(result["n_examples"], 1), 1),
+            "cost": " ".join(f"{a}={c['forward_per_example']:g}+{c['backward_per_example']:g}" for a, c in cost.items()),
+            "seconds_per_attack": " ".join(f"{a}={c['seconds_per_example']:g}" for a, c in cost.items())}
 
 
 def _add_intervals(row: dict[str, Any]) -> None:
@@ -153,6 +169,8 @@ def _with_extras(order: list[str], columns: Any) -> list[str]:
             out.append(col[:-4] + "_ci95")
         if col == "worst_case_acc":
             out.extend(PAIRED_COLUMNS)
+        if col == "seconds":
+            out.extend(COST_COLUMNS)
     return out
 
 
@@ -203,7 +221,8 @@ def to_markdown(df: pd.DataFrame) -> str:
         return "_no results yet_\n"
     show = [c for c in df.columns if c not in ("settings_id", "result", "robustify_version", "torch_version",
                                                 "pyautoattack_version", "budgets", "attacks")]
-    show = [c for c in show if c != "not_applicable" and not c.endswith("_ci95") and c != "base_settings_id"]
+    show = [c for c in show if c not in ("not_applicable", "base_settings_id", "cost", "seconds_per_attack")
+            and not c.endswith("_ci95")]
     view = df[show].copy().astype(object)
     for col in view.columns:
         view[col] = view[col].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else v)
@@ -229,7 +248,10 @@ def to_markdown(df: pd.DataFrame) -> str:
         "`delta_worst_case`: worst-case accuracy of the row minus that of its base row (same model, same examples,\n"
         "same attacks, in points); `discordant`: examples robust only on the base / only on the defended row;\n"
         f"`mcnemar_p`: exact McNemar test on them; `verdict`: `gain` or `loss` when p < {LEVEL}, else\n"
-        "`no significant gain`.\n\n"
+        "`no significant gain`.\n"
+        "`passes`: forward + backward example-passes of the whole evaluation (a pass over a batch of B images counts\n"
+        "B), counted by hooks on the model; `passes_per_example` divides by `n_examples`; the CSV's `cost` column\n"
+        "gives forward+backward passes per attack and attacked example, `seconds_per_attack` the wall time.\n\n"
         "Attack budgets:\n" + "".join(f"- `{b}`\n" for b in budgets)
     )
     return header + body + notes
@@ -258,6 +280,9 @@ def model_info(row: pd.Series) -> dict[str, Any]:
     }
     if worst < aa:
         info["external"] = f"{worst:.2f}"
+    if row.get("passes") is not None and not pd.isna(row.get("passes")):
+        info["passes"] = {"total": int(row["passes"]), "per_example": row["passes_per_example"],
+                          "per_attack": row["cost"], "seconds_per_attack": row["seconds_per_attack"]}
     info["intervals_95"] = {c[:-5]: row[c] for c in row.index if c.endswith("_ci95") and row[c]}
     if row.get("verdict"):
         info["paired_with_base"] = {"base_settings_id": row["base_settings_id"],

@@ -93,3 +93,25 @@ def test_bpda_autoattack_expands_to_the_standard_suite_with_bpda():
     assert expand_attacks("bpda-autoattack") == ("bpda-apgd-ce", "bpda-apgd-t", "bpda-fab-t", "square")
     budget = AttackConfig(attacks=("soft-bpda",)).budget_for("soft-bpda")
     assert budget["stages"] == 3 and budget["temperatures"] == "1/0.3/0.1"
+
+
+def test_pass_counts_equal_hand_counted_ones_for_3_iteration_apgd():
+    from robustify.cost import PassCounter
+    from robustify.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every example correct: APGD attacks all 5
+    config = AttackConfig(attacks=("apgd-ce",), eps=1 / 255, apgd_iters=3, batch_size=8)
+    # pyautoattack's APGD: 1 forward to find the correct examples, 1 forward+backward at the
+    # random start, then 1 forward+backward per iteration; the engine adds 1 forward to score.
+    with PassCounter(model) as passes:
+        build_attack("apgd-ce", model, config).perturb(x, y)
+    assert (passes.forward, passes.backward) == (5 * (1 + 1 + 3), 5 * (1 + 3))
+    result = evaluate(model, x, y, config, progress=False)
+    assert result.cost["clean"]["forward"] == 5 and result.cost["clean"]["backward"] == 0
+    cost = result.cost["apgd-ce"]
+    assert (cost["forward"], cost["backward"], cost["examples"]) == (5 * 6, 5 * 4, 5)
+    assert cost["forward_per_example"] == 6 and cost["backward_per_example"] == 4 and cost["seconds"] > 0
