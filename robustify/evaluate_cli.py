@@ -94,6 +94,33 @@ def job_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_job_args(p)
     add_attack_args(p)
+    p.add_argument("--audit", action="store_true", help="run the sanity suite (robustify audit) after the evaluation")
+    add_audit_args(p)
+
+
+def add_audit_args(p: argparse.ArgumentParser) -> None:
+    """The sanity suite's settings; unset ones keep AuditConfig's defaults."""
+    g = p.add_argument_group("audit (sanity suite)")
+    for name, kind in (("unbounded-examples", int), ("unbounded-iters", int), ("convergence-factor", int),
+                       ("convergence-tolerance", float), ("census-examples", int), ("masked-share", float),
+                       ("noise-draws", int), ("noise-tolerance", float)):
+        g.add_argument(f"--audit-{name}", type=kind, default=None)
+
+
+def audit_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .audit import AuditConfig
+
+    given = {f: getattr(args, f"audit_{f}") for f in AuditConfig.__dataclass_fields__
+             if getattr(args, f"audit_{f}", None) is not None}
+    return AuditConfig(**given)
+
+
+def _print_audit(entry) -> None:  # type: ignore[no-untyped-def]
+    u, c, n = entry["unbounded"], entry["convergence"], entry["noise"]
+    print(f"audit: unbounded APGD {100 * u['acc']:.2f}% (chance {100 * u['chance']:.2f}%); "
+          f"convergence rerun of {c.get('attack')} broke {c.get('newly_broken', 0)} more; "
+          f"band share max {100 * entry['census'].get('max_share', 0.0):.2f}%; noise broke {n['broken']}; "
+          f"flags: {', '.join(entry['flags']) or 'none'}")
 
 
 def _print_result(result) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +134,27 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import run_evaluation
 
-    _print_result(run_evaluation(job_from_args(args)))
+    job = job_from_args(args)
+    _print_result(run_evaluation(job))
+    if args.audit:
+        from .audit import audit_job
+
+        _print_audit(audit_job(job, audit_config(args)))
+    return 0
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    _add_job_args(p)
+    add_attack_args(p)  # accepted so that an evaluate command line can be reused; budgets come from result.json
+    add_audit_args(p)
+
+
+@register_command("audit", "sanity suite on a finished evaluation (same arguments and --out as evaluate): "
+                           "unbounded eps, convergence, gradient census, noise; stored in result.json", _audit_args)
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_job
+
+    _print_audit(audit_job(job_from_args(args), audit_config(args)))
     return 0
 
 

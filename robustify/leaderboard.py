@@ -33,6 +33,8 @@ TAIL_COLUMNS = ["standard_acc", "worst_case_acc", "flags", "not_applicable", "at
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
 #: inserted after the worst-case interval: the paired comparison with the base row (significance.py)
 PAIRED_COLUMNS = ["delta_worst_case", "discordant", "mcnemar_p", "verdict", "base_settings_id"]
+#: inserted after ``flags``: the sanity suite's figures (robustify.audit), in percent
+AUDIT_COLUMNS = ["audit_unbounded", "audit_newly_broken", "audit_band_share", "audit_noise_broken"]
 #: inserted after ``seconds``: forward+backward example-passes in all, per example, and per attack
 COST_COLUMNS = ["passes", "passes_per_example", "cost", "seconds_per_attack"]
 VOLATILE = ("seconds", "seconds_per_attack", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
@@ -100,7 +102,8 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["standard_acc"] = _pct(std) if std is not None else None
     row["worst_case_acc"] = _pct(result["worst_case_acc"])
     _add_intervals(row)
-    row["flags"] = ";".join(result.get("flags", []))
+    row["flags"] = ";".join(list(result.get("flags", [])) + list((result.get("audit") or {}).get("flags", [])))
+    row.update(_audit_columns(result))
     skipped = meta.get("not_applicable") or {}
     row["not_applicable"] = "; ".join(f"{a}: {why}" for a, why in skipped.items())
     row["attacks"] = ",".join(config["attacks"])
@@ -117,6 +120,17 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["pyautoattack_version"] = versions.get("pyautoattack")
     row["result"] = result.get("_path", "")
     return row
+
+
+def _audit_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The sanity suite's figures (percent): accuracy under unbounded APGD, share newly broken by the
+    convergence rerun, the largest share of a site's units in the zero-gradient band, share broken by noise."""
+    audit = result.get("audit") or {}
+    figures = {"audit_unbounded": audit.get("unbounded", {}).get("acc"),
+               "audit_newly_broken": audit.get("convergence", {}).get("share"),
+               "audit_band_share": audit.get("census", {}).get("max_share"),
+               "audit_noise_broken": audit.get("noise", {}).get("share")}
+    return {k: (_pct(v) if v is not None else None) for k, v in figures.items()}
 
 
 def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +185,8 @@ def _with_extras(order: list[str], columns: Any) -> list[str]:
             out.extend(PAIRED_COLUMNS)
         if col == "seconds":
             out.extend(COST_COLUMNS)
+        if col == "flags":
+            out.extend(AUDIT_COLUMNS)
     return out
 
 
@@ -251,7 +267,12 @@ def to_markdown(df: pd.DataFrame) -> str:
         "`no significant gain`.\n"
         "`passes`: forward + backward example-passes of the whole evaluation (a pass over a batch of B images counts\n"
         "B), counted by hooks on the model; `passes_per_example` divides by `n_examples`; the CSV's `cost` column\n"
-        "gives forward+backward passes per attack and attacked example, `seconds_per_attack` the wall time.\n\n"
+        "gives forward+backward passes per attack and attacked example, `seconds_per_attack` the wall time.\n"
+        "`audit_*` (rows audited with `robustify audit` or `--audit`): accuracy under APGD-CE with an unbounded eps\n"
+        "(flag `fails-unbounded` above chance), share of examples newly broken by the strongest white-box attack with\n"
+        "twice the budget (`not-converged`), the largest share of a MeanSparse site's units inside the zero-gradient\n"
+        "band (`masked-gradients`), share broken by random points of the eps ball that every white-box attack left\n"
+        "(`noise-beats-white-box`); thresholds in the `audit.config` entry of each result.json.\n\n"
         "Attack budgets:\n" + "".join(f"- `{b}`\n" for b in budgets)
     )
     return header + body + notes
