@@ -223,6 +223,17 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: Eval
             "tolerance": audit.noise_tolerance, "flag": share > audit.noise_tolerance}
 
 
+def _check_same_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
+                      device: Any) -> None:
+    """The audited model must classify the examples exactly as the evaluated one did."""
+    clean = torch.cat([(_predict(model, x[c].to(device)).cpu() == y[c]).long()
+                       for c in _chunks(list(range(len(x))), config.batch_size)])
+    differ = int((clean != torch.tensor(result.per_example["clean_correct"])).sum())
+    if differ:
+        raise ValueError(f"the audited model or examples differ from the evaluated ones: clean predictions "
+                         f"disagree on {differ} example(s)")
+
+
 FLAGS = {"unbounded": "fails-unbounded", "convergence": "not-converged", "census": "masked-gradients",
          "noise": "noise-beats-white-box"}
 
@@ -239,6 +250,7 @@ def run_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalRe
         raise ValueError(f"the audit needs the {result.n_examples} evaluated examples, got {x.shape[0]}")
     config = AttackConfig.from_dict(result.config)
     model.eval()
+    _check_same_model(model, x, y, result, config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)

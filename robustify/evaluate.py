@@ -465,21 +465,6 @@ def _attack_batch(
     counted: tuple[nn.Module | None, ...] = (),
 ) -> dict[str, Any]:
     """Attack one batch; the record counts the forward/backward example-passes it took."""
-    with PassCounter(model, *counted) as passes:
-        record = _attack_batch_uncounted(model, attack, x, y, idx, k, config, device)
-    return {**record, "forward": passes.forward, "backward": passes.backward}
-
-
-def _attack_batch_uncounted(
-    model: nn.Module,
-    attack: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    idx: list[int],
-    k: int,
-    config: AttackConfig,
-    device: torch.device | str,
-) -> dict[str, Any]:
     start = time.perf_counter()
     xb, yb = x[idx].to(device), y[idx].to(device)
 
@@ -488,13 +473,14 @@ def _attack_batch_uncounted(
         return out.unsqueeze(0) if out.dim() == 3 else out
 
     # On out-of-memory the batch is split in halves (logged); the split is remembered per attack.
-    pieces = split_on_oom(perturb, torch.arange(len(idx), device=xb.device), what=f"attack {attack.name}",
-                          state=_oom_state.setdefault(attack.name, {}))
-    x_adv = torch.cat(pieces)
-    _check_perturbation(x_adv, xb, config, attack.name)
-    broken = (_predict(model, x_adv) != yb).cpu()
+    with PassCounter(model, *counted) as passes:
+        pieces = split_on_oom(perturb, torch.arange(len(idx), device=xb.device), what=f"attack {attack.name}",
+                              state=_oom_state.setdefault(attack.name, {}))
+        x_adv = torch.cat(pieces)
+        _check_perturbation(x_adv, xb, config, attack.name)
+        broken = (_predict(model, x_adv) != yb).cpu()
     return {"attack": attack.name, "batch": k, "idx": idx, "broken": broken.long().tolist(),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
 
 
 # ------------------------------------------------------------------------------------------

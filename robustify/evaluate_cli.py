@@ -132,11 +132,12 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
 
 @register_command("evaluate", "attack a model (and its defense) and write per-example results", _evaluate_args)
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import distributed
     from .pipeline import run_evaluation
 
     job = job_from_args(args)
     _print_result(run_evaluation(job))
-    if args.audit:
+    if args.audit and distributed.is_main():
         from .audit import audit_job
 
         _print_audit(audit_job(job, audit_config(args)))

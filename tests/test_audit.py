@@ -149,3 +149,15 @@ def test_audit_command_and_evaluate_flag(tmp_path):
     assert main(["audit", *common, "--defense", "meansparse", "--alpha", "0.3", "--out", str(out), *quick]) == 0
     again = json.loads((out / "result.json").read_text())["audit"]
     assert again["census"]["sites"] == first["census"]["sites"]  # the same model, examples and checks
+
+
+def test_audit_refuses_another_model():
+    from robustify.audit import run_audit
+
+    model = tiny_cnn()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    result = evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), eps=1 / 255, apgd_iters=1), progress=False)
+    with pytest.raises(ValueError, match="differ from the evaluated"):
+        run_audit(model, x, (y + 1) % 10, result)
