@@ -6,8 +6,8 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
 * **unbounded** (``fails-unbounded``): APGD-CE at an eps covering the whole image space
   (Linf 1, L2 ``sqrt(D)``, L1 ``D``) must bring accuracy to chance (``1 / classes``) or below;
   otherwise the attack cannot reach the decision boundary (gradients are masked).
-* **convergence** (``not-converged``): the white-box attack that broke most examples runs
-  again on the examples still unbroken, with twice the iterations, twice the restarts
+* **convergence** (``not-converged``): the white-box attack that broke most examples (on a
+  thresholding defense: of the BPDA / soft-BPDA ones) runs again on the examples still unbroken, with twice the iterations, twice the restarts
   (at least one more) and another seed; it must not break more than ``convergence_tolerance``
   of all examples.
 * **gradient census** (``masked-gradients``): per MeanSparse site, the share of units inside
@@ -120,7 +120,11 @@ def _per_example_robust(result: EvalResult, attacks: list[str]) -> list[int]:
 
 
 def _strongest(result: EvalResult) -> str | None:
+    """The white-box attack that broke most examples; on a thresholding defense, among the attacks
+    with a straight-through or smooth backward (the standard gradients are the masked ones)."""
     attacks = _gradient_attacks([a for a in result.attack_acc if a in result.per_example])
+    through = [a for a in attacks if a.startswith("bpda-") or a == "soft-bpda"]
+    attacks = through or attacks
     if not attacks:
         return None
     return max(attacks, key=lambda a: sum(1 for v in result.per_example[a] if v == 1))

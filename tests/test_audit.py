@@ -161,3 +161,18 @@ def test_audit_refuses_another_model():
     result = evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), eps=1 / 255, apgd_iters=1), progress=False)
     with pytest.raises(ValueError, match="differ from the evaluated"):
         run_audit(model, x, (y + 1) % 10, result)
+
+
+def test_strongest_attack_prefers_the_straight_through_ones():
+    from robustify.audit import _strongest
+    from robustify.evaluate import EvalResult
+
+    per = {"clean_correct": [1, 1, 1, 1], "apgd-ce": [1, 1, 0, 0], "bpda-apgd-ce": [None, None, 1, 0],
+           "square": [None, None, 0, 0]}
+    result = EvalResult(meta={}, config={}, n_examples=4, clean_acc=1.0,
+                        attack_acc={"apgd-ce": 0.5, "square": 0.5, "bpda-apgd-ce": 0.25}, worst_case_acc=0.25,
+                        flags=[], per_example=per, seconds={}, versions={})
+    assert _strongest(result) == "bpda-apgd-ce"
+    del per["bpda-apgd-ce"]
+    result.attack_acc.pop("bpda-apgd-ce")
+    assert _strongest(result) == "apgd-ce"
