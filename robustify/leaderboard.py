@@ -304,7 +304,11 @@ def model_info(row: pd.Series) -> dict[str, Any]:
     if row.get("passes") is not None and not pd.isna(row.get("passes")):
         info["passes"] = {"total": int(row["passes"]), "per_example": row["passes_per_example"],
                           "per_attack": row["cost"], "seconds_per_attack": row["seconds_per_attack"]}
-    info["intervals_95"] = {c[:-5]: row[c] for c in row.index if c.endswith("_ci95") and row[c]}
+    audit = {c.removeprefix("audit_"): row[c] for c in AUDIT_COLUMNS if c in row.index and pd.notna(row[c])}
+    if audit:
+        info["audit_pct"] = audit
+    info["intervals_95"] = {c[:-5]: row[c] for c in row.index if c.endswith("_ci95") and isinstance(row[c], str)
+                            and row[c]}
     if row.get("verdict"):
         info["paired_with_base"] = {"base_settings_id": row["base_settings_id"],
                                     "delta_worst_case": row["delta_worst_case"], "discordant": row["discordant"],

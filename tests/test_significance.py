@@ -99,3 +99,16 @@ def test_fingerprints_decide_when_present():
     other = _result("meansparse", [1, 1, 1], fp="bbb")
     assert find_base(same, [base])[1] == "fingerprint"
     assert find_base(other, [base]) is None
+
+
+def test_model_info_is_valid_json_with_missing_attacks(tmp_path):
+    import json
+
+    from robustify.leaderboard import model_info
+
+    base = _result("none", [1, 0, 1, 1])
+    defended = _result("meansparse", [1, 1, 1, 1], attacks=("apgd-ce", "bpda-apgd-ce"))
+    df = build_table([base, defended])
+    for _, row in df.iterrows():
+        text = json.dumps(model_info(row), allow_nan=False)  # no NaN for attacks a row did not run
+        assert "worst_case" in json.loads(text)["intervals_95"]
