@@ -24,6 +24,7 @@ from .meansparse import (  # noqa: E402
     defenses_disabled,
     meansparse_modules,
     set_alpha,
+    soft_bpda,
 )
 from .models import ModelInfo, ModelLoadError, load_model  # noqa: E402
 from .sites import Site, register_activation  # noqa: E402
@@ -82,6 +83,7 @@ __all__ = [
     "remove_meansparse",
     "save_calibration",
     "set_alpha",
+    "soft_bpda",
     "to_tensors",
     "unfuse_meansparse",
 ]

@@ -11,7 +11,12 @@ Standard (pyautoattack's own attack objects, configured as ``AutoAttack`` config
 
 Adaptive:
 ``bpda-apgd-ce`` / ``bpda-apgd-dlr`` (``bpda`` expands to both): APGD with every MeanSparse
-backward replaced by the identity; ``adaptive``: the MeanSparse paper's attack (PGD on
+backward replaced by the identity; ``bpda-apgd-t`` / ``bpda-fab-t``: targeted APGD (AutoAttack's
+9 targets) and FAB-T the same way (``bpda-autoattack`` expands to the standard suite with the
+straight-through backward everywhere: ``bpda-apgd-ce, bpda-apgd-t, bpda-fab-t, square``);
+``soft-bpda``: APGD-CE back-propagating through a smooth surrogate of the band (a sigmoid whose
+temperature is annealed over :data:`SOFT_BPDA_TEMPERATURES`, each stage starting from the
+previous stage's best point) instead of the identity; ``adaptive``: the MeanSparse paper's attack (PGD on
 cross-entropy minus a penalty on feature changes at the sites MeanSparse blocks; lambda=0 is
 plain PGD); ``pgd``: plain PGD with the same budget; ``transfer``: APGD-CE crafted on the
 undefended base model, evaluated on the defended one.
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import format_eps, parse_eps
-from .meansparse import bpda, defenses_disabled, meansparse_modules
+from .meansparse import bpda, defenses_disabled, meansparse_modules, soft_bpda
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +45,21 @@ __all__ = ["ATTACKS", "DEFAULT_EPS", "Attack", "AttackConfig", "autoattack_budge
            "default_eps", "expand_attacks", "threat_norm"]
 
 STANDARD = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-ADAPTIVE = ("bpda-apgd-ce", "bpda-apgd-dlr", "adaptive", "pgd", "transfer")
+ADAPTIVE = ("bpda-apgd-ce", "bpda-apgd-dlr", "bpda-apgd-t", "bpda-fab-t", "soft-bpda", "adaptive", "pgd",
+            "transfer")
+#: soft-BPDA's temperatures (relative to each band's half-width), one APGD-CE stage each
+SOFT_BPDA_TEMPERATURES = (1.0, 0.3, 0.1)
 ATTACKS = STANDARD + ADAPTIVE
 ALIASES = {
     "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "bpda": ("bpda-apgd-ce", "bpda-apgd-dlr"),
+    "bpda-autoattack": ("bpda-apgd-ce", "bpda-apgd-t", "bpda-fab-t", "square"),
 }
 NORMS = {
     "apgd-ce": ("Linf", "L2", "L1"), "apgd-dlr": ("Linf", "L2", "L1"), "apgd-t": ("Linf", "L2", "L1"),
     "fab-t": ("Linf", "L2", "L1"), "square": ("Linf", "L2", "L1"), "bpda-apgd-ce": ("Linf", "L2", "L1"),
-    "bpda-apgd-dlr": ("Linf", "L2", "L1"), "adaptive": ("Linf", "L2"), "pgd": ("Linf", "L2"),
+    "bpda-apgd-dlr": ("Linf", "L2", "L1"), "bpda-apgd-t": ("Linf", "L2", "L1"), "bpda-fab-t": ("Linf", "L2", "L1"),
+    "soft-bpda": ("Linf", "L2", "L1"), "adaptive": ("Linf", "L2"), "pgd": ("Linf", "L2"),
     "transfer": ("Linf", "L2", "L1"),
 }
 WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "pgd")
@@ -164,9 +174,12 @@ class AttackConfig:
         """The budget settings that affect ``attack`` (recorded in results)."""
         if attack in ("apgd-ce", "apgd-dlr", "bpda-apgd-ce", "bpda-apgd-dlr", "transfer"):
             return {"iters": self.apgd_iters, "restarts": self.apgd_restarts}
-        if attack == "apgd-t":
+        if attack in ("apgd-t", "bpda-apgd-t"):
             return {"iters": self.apgd_t_iters, "targets": self.apgd_t_targets}
-        if attack == "fab-t":
+        if attack == "soft-bpda":
+            return {"iters": self.apgd_iters, "stages": len(SOFT_BPDA_TEMPERATURES),
+                    "temperatures": "/".join(f"{t:g}" for t in SOFT_BPDA_TEMPERATURES)}
+        if attack in ("fab-t", "bpda-fab-t"):
             return {"iters": self.fab_iters, "targets": self.fab_targets}
         if attack == "square":
             return {"queries": self.square_queries}
@@ -394,6 +407,45 @@ class MaskPenaltyPGD(Attack):
         return best.detach()
 
 
+class SoftBPDA(Attack):
+    """APGD-CE through the smooth surrogate of every MeanSparse band, temperature annealed.
+
+    One APGD-CE run (``apgd_iters`` iterations) per temperature of
+    :data:`SOFT_BPDA_TEMPERATURES`, from hot (smooth, informative gradients inside the band)
+    to cold (close to the true band); each stage starts from the previous stage's
+    highest-loss point. Per example the first adversarial point found is returned (else
+    the last stage's best). The forward is always the true model's.
+    """
+
+    name = "soft-bpda"
+
+    def __init__(self, model: nn.Module, aa: Any, temperatures: tuple[float, ...] = SOFT_BPDA_TEMPERATURES):
+        self.model, self.aa, self.temperatures = model, aa, temperatures
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        apgd = self.aa.apgd
+        apgd.loss, apgd.seed = "ce", self.aa.get_seed()
+        x = x.detach().clone().float()
+        apgd.init_hyperparam(x)
+        torch.random.manual_seed(apgd.seed)
+        adv, start = x.clone(), None
+        with torch.no_grad():
+            todo = self.model(x).argmax(1) == y
+        for temperature in self.temperatures:
+            if not todo.any():
+                break
+            idx = todo.nonzero().flatten()
+            with soft_bpda(self.model, temperature):
+                best, acc, _, best_adv = apgd.attack_single_run(x[idx], y[idx],
+                                                                x_init=None if start is None else start[idx])
+            fooled = acc == 0
+            adv[idx[fooled]] = best_adv[fooled]
+            start = adv.clone() if start is None else start
+            start[idx] = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), best_adv, best)
+            todo[idx[fooled]] = False
+        return adv
+
+
 # ------------------------------------------------------------------------------------------
 # factory
 # ------------------------------------------------------------------------------------------
@@ -413,6 +465,8 @@ def build_attack(
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose from {list(ATTACKS)}")
+    if name == "soft-bpda":
+        return SoftBPDA(model, autoattack or make_autoattack(model, config, device))
     if name in STANDARD or name.startswith("bpda-"):
         aa = autoattack or make_autoattack(model, config, device)
         context = (lambda: bpda(model)) if name.startswith("bpda-") else None

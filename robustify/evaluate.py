@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .attacks import BLACK_BOX, STANDARD, WHITE_BOX, AttackConfig, build_attack, make_autoattack
 from .config import format_eps
+from .cost import PassCounter, summarise
 from .data import DataError, validate_batch
 from .io import write_json
 from .memory import split_on_oom
@@ -75,6 +76,8 @@ class EvalResult:
     versions: dict[str, str]
     aa_checks: list[str] = field(default_factory=list)
     finished: str | None = None  # UTC ISO time the result was written (the newest duplicate wins)
+    data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # per phase: passes and seconds (cost.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -318,6 +321,7 @@ def evaluate(
         finally:
             journal.close()
     result.meta = meta
+    result.data_fingerprint = header["data_fingerprint"]
     result.aa_checks = aa_warnings.messages
     result.flags = audit(result)
     result.finished = datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -387,14 +391,23 @@ def _run(
 
     def clean_batch(k: int, idx: list[int]) -> dict[str, Any]:
         start = time.perf_counter()
-        pred = _predict(model, x[idx].to(device)).cpu()
+        with PassCounter(model) as passes:
+            pred = _predict(model, x[idx].to(device)).cpu()
         return {"attack": "clean", "batch": k, "idx": idx, "broken": (pred != y[idx]).long().tolist(),
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
+
+    cost: dict[str, dict[str, Any]] = {}
+
+    def add_cost(name: str, records: list[dict[str, Any]]) -> None:
+        cost[name] = summarise(sum(r.get("forward", 0) for r in records), sum(r.get("backward", 0) for r in records),
+                               sum(r["seconds"] for r in records), sum(len(r["idx"]) for r in records))
 
     correct = torch.zeros(n, dtype=torch.bool)
-    for rec in _run_phase("clean", _chunks(list(range(n)), config.batch_size), clean_batch, journal, progress):
+    records = _run_phase("clean", _chunks(list(range(n)), config.batch_size), clean_batch, journal, progress)
+    for rec in records:
         correct[rec["idx"]] = ~torch.tensor(rec["broken"], dtype=torch.bool)
         seconds["clean"] = seconds.get("clean", 0.0) + rec["seconds"]
+    add_cost("clean", records)
 
     first = correct.nonzero().flatten()[: config.batch_size]
     if len(first):
@@ -412,12 +425,14 @@ def _run(
         attacked = torch.zeros(n, dtype=torch.bool)
 
         def attack_batch(k: int, idx: list[int], attack: Any = attack) -> dict[str, Any]:
-            return _attack_batch(model, attack, x, y, idx, k, config, device)
+            return _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,))
 
-        for rec in _run_phase(name, chunks, attack_batch, journal, progress):
+        records = _run_phase(name, chunks, attack_batch, journal, progress)
+        for rec in records:
             broken[rec["idx"]] = torch.tensor(rec["broken"], dtype=torch.bool)
             attacked[rec["idx"]] = True
             seconds[name] = seconds.get(name, 0.0) + rec["seconds"]
+        add_cost(name, records)
         per_attack[name] = torch.where(attacked, broken.long(), torch.full((n,), -1))
         robust &= ~broken
         acc[name] = float((correct & ~broken).float().mean()) if config.individual else float(robust.float().mean())
@@ -437,6 +452,7 @@ def _run(
         per_example=per_example,
         seconds=seconds,
         versions=_versions(),
+        cost=cost,
     )
 
 
@@ -452,7 +468,9 @@ def _attack_batch(
     k: int,
     config: AttackConfig,
     device: torch.device | str,
+    counted: tuple[nn.Module | None, ...] = (),
 ) -> dict[str, Any]:
+    """Attack one batch; the record counts the forward/backward example-passes it took."""
     start = time.perf_counter()
     xb, yb = x[idx].to(device), y[idx].to(device)
 
@@ -461,13 +479,14 @@ def _attack_batch(
         return out.unsqueeze(0) if out.dim() == 3 else out
 
     # On out-of-memory the batch is split in halves (logged); the split is remembered per attack.
-    pieces = split_on_oom(perturb, torch.arange(len(idx), device=xb.device), what=f"attack {attack.name}",
-                          state=_oom_state.setdefault(attack.name, {}))
-    x_adv = torch.cat(pieces)
-    _check_perturbation(x_adv, xb, config, attack.name)
-    broken = (_predict(model, x_adv) != yb).cpu()
+    with PassCounter(model, *counted) as passes:
+        pieces = split_on_oom(perturb, torch.arange(len(idx), device=xb.device), what=f"attack {attack.name}",
+                              state=_oom_state.setdefault(attack.name, {}))
+        x_adv = torch.cat(pieces)
+        _check_perturbation(x_adv, xb, config, attack.name)
+        broken = (_predict(model, x_adv) != yb).cpu()
     return {"attack": attack.name, "batch": k, "idx": idx, "broken": broken.long().tolist(),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,14 +12,15 @@ from .cli import (CALIB_BATCH_HELP, add_meansparse_args, add_model_args, add_wor
 
 logger = logging.getLogger("robustify")
 
-DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,adaptive,transfer"
+DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"  # BPDA ones: MeanSparse rows only
 
 
 def add_attack_args(p: argparse.ArgumentParser, attacks: str = DEFAULT_ATTACKS) -> None:
     g = p.add_argument_group("attacks")
     g.add_argument("--attacks", default=attacks,
                    help="comma-separated: apgd-ce, apgd-dlr, apgd-t, fab-t, square, autoattack, bpda "
-                        "(bpda-apgd-ce + bpda-apgd-dlr), adaptive, pgd, transfer")
+                        "(bpda-apgd-ce + bpda-apgd-dlr), bpda-apgd-t, bpda-fab-t, bpda-autoattack, soft-bpda, "
+                        "adaptive, pgd, transfer")
     g.add_argument("--eps", default=None,
                    help="perturbation budget: a float or a fraction like 8/255 (default: RobustBench's for the "
                         "dataset and norm: CIFAR Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255)")
@@ -95,6 +96,33 @@ def job_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_job_args(p)
     add_attack_args(p)
+    p.add_argument("--audit", action="store_true", help="run the sanity suite (robustify audit) after the evaluation")
+    add_audit_args(p)
+
+
+def add_audit_args(p: argparse.ArgumentParser) -> None:
+    """The sanity suite's settings; unset ones keep AuditConfig's defaults."""
+    g = p.add_argument_group("audit (sanity suite)")
+    for name, kind in (("unbounded-examples", int), ("unbounded-iters", int), ("convergence-factor", int),
+                       ("convergence-tolerance", float), ("census-examples", int), ("masked-share", float),
+                       ("noise-draws", int), ("noise-tolerance", float)):
+        g.add_argument(f"--audit-{name}", type=kind, default=None)
+
+
+def audit_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .audit import AuditConfig
+
+    given = {f: getattr(args, f"audit_{f}") for f in AuditConfig.__dataclass_fields__
+             if getattr(args, f"audit_{f}", None) is not None}
+    return AuditConfig(**given)
+
+
+def _print_audit(entry) -> None:  # type: ignore[no-untyped-def]
+    u, c, n = entry["unbounded"], entry["convergence"], entry["noise"]
+    print(f"audit: unbounded APGD {100 * u['acc']:.2f}% (chance {100 * u['chance']:.2f}%); "
+          f"convergence rerun of {c.get('attack')} broke {c.get('newly_broken', 0)} more; "
+          f"band share max {100 * entry['census'].get('max_share', 0.0):.2f}%; noise broke {n['broken']}; "
+          f"flags: {', '.join(entry['flags']) or 'none'}")
 
 
 def _print_result(result) -> None:  # type: ignore[no-untyped-def]
@@ -114,9 +142,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .leaderboard import write_result_table
     from .pipeline import run_evaluation
 
-    _print_result(run_evaluation(job_from_args(args)))
-    if distributed.is_main():  # the one-row leaderboard table next to result.json
+    job = job_from_args(args)
+    _print_result(run_evaluation(job))
+    if args.audit and distributed.is_main():
+        from .audit import audit_job
+
+        _print_audit(audit_job(job, audit_config(args)))
+    if distributed.is_main():  # the one-row leaderboard table next to result.json (with the audit, if run)
         write_result_table(args.out)
+    return 0
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    _add_job_args(p)
+    add_attack_args(p)  # accepted so that an evaluate command line can be reused; budgets come from result.json
+    add_audit_args(p)
+
+
+@register_command("audit", "sanity suite on a finished evaluation (same arguments and --out as evaluate): "
+                           "unbounded eps, convergence, gradient census, noise; stored in result.json", _audit_args)
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_job
+
+    _print_audit(audit_job(job_from_args(args), audit_config(args)))
     return 0
 
 

@@ -22,6 +22,7 @@ from .attacks import ATTACKS, AUTOATTACK_SUITE, STANDARD, AttackConfig, autoatta
 from .config import format_eps
 from .io import atomic_path, write_json, write_text
 from .page import write_latex, write_page
+from .significance import LEVEL, ci_text, find_base, paired_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,13 @@ LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", 
 TAIL_COLUMNS = ["standard_acc", "autoattack_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets",
                 "precision", "seconds", "settings_id",
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
-VOLATILE = ("seconds", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
+#: inserted after the worst-case interval: the paired comparison with the base row (significance.py)
+PAIRED_COLUMNS = ["delta_worst_case", "discordant", "mcnemar_p", "verdict", "base_settings_id"]
+#: inserted after ``flags``: the sanity suite's figures (robustify.audit), in percent
+AUDIT_COLUMNS = ["audit_unbounded", "audit_newly_broken", "audit_band_share", "audit_noise_broken"]
+#: inserted after ``seconds``: forward+backward example-passes in all, per example, and per attack
+COST_COLUMNS = ["passes", "passes_per_example", "cost", "seconds_per_attack"]
+VOLATILE = ("seconds", "seconds_per_attack", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -119,13 +126,16 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     aa = _autoattack_acc(result)
     row["autoattack_acc"] = _pct(aa) if aa is not None else None
     row["worst_case_acc"] = _pct(result["worst_case_acc"])
-    row["flags"] = ";".join(result.get("flags", []))
+    _add_intervals(row)
+    row["flags"] = ";".join(list(result.get("flags", [])) + list((result.get("audit") or {}).get("flags", [])))
+    row.update(_audit_columns(result))
     skipped = meta.get("not_applicable") or {}
     row["not_applicable"] = "; ".join(f"{a}: {why}" for a, why in skipped.items())
     row["attacks"] = ",".join(config["attacks"])
     row["budgets"] = _budgets(config)
     row["precision"] = meta.get("precision", "float32")
     row["seconds"] = round(sum(result.get("seconds", {}).values()), 1)
+    row.update(_cost_columns(result))
     identity = {k: v for k, v in meta.items() if k not in ("started",)}
     key = json.dumps({"meta": identity, "config": config, "n": result["n_examples"]}, sort_keys=True, default=str)
     row["settings_id"] = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -135,6 +145,74 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row["pyautoattack_version"] = versions.get("pyautoattack")
     row["result"] = result.get("_path", "")
     return row
+
+
+def _audit_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The sanity suite's figures (percent): accuracy under unbounded APGD, share newly broken by the
+    convergence rerun, the largest share of a site's units in the zero-gradient band, share broken by noise."""
+    audit = result.get("audit") or {}
+    figures = {"audit_unbounded": audit.get("unbounded", {}).get("acc"),
+               "audit_newly_broken": audit.get("convergence", {}).get("share"),
+               "audit_band_share": audit.get("census", {}).get("max_share"),
+               "audit_noise_broken": audit.get("noise", {}).get("share")}
+    return {k: (_pct(v) if v is not None else None) for k, v in figures.items()}
+
+
+def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """``passes`` (forward + backward example-passes of every phase), per example; per attack
+    ``cost`` ``attack=F+B`` (forward and backward passes per attacked example) and
+    ``seconds_per_attack`` ``attack=S`` (wall seconds per attacked example)."""
+    cost = {a: c for a, c in (result.get("cost") or {}).items() if a != "clean"}
+    if not cost:
+        return {"passes": None, "passes_per_example": None, "cost": "", "seconds_per_attack": ""}
+    total = sum(c["forward"] + c["backward"] for c in (result.get("cost") or {}).values())
+    return {"passes": total, "passes_per_example": round(total / max(result["n_examples"], 1), 1),
+            "cost": " ".join(f"{a}={c['forward_per_example']:g}+{c['backward_per_example']:g}" for a, c in cost.items()),
+            "seconds_per_attack": " ".join(f"{a}={c['seconds_per_example']:g}" for a, c in cost.items())}
+
+
+def _add_intervals(row: dict[str, Any]) -> None:
+    """A 95% exact interval ``<x>_ci95`` for every accuracy column ``<x>_acc`` of the row."""
+    for col in [c for c in row if c.endswith("_acc")]:
+        row[col[:-4] + "_ci95"] = ci_text(row[col], row["n_examples"])
+
+
+def _add_paired(df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
+    """For every defended row, the paired comparison with its base row (``PAIRED_COLUMNS``).
+
+    ``df``'s index is the position of each row's result in ``results``."""
+    df = df.copy()
+    kept = [results[i] for i in df.index]
+    for col in PAIRED_COLUMNS:
+        df[col] = None
+    for i in df.index:
+        found = find_base(results[i], kept)
+        if found is None:
+            continue
+        base, how = found
+        cmp = paired_comparison(results[i], base, how)
+        df.at[i, "delta_worst_case"] = round(cmp["difference"], 2)
+        df.at[i, "discordant"] = f"{cmp['base_only']}/{cmp['defended_only']}"
+        df.at[i, "mcnemar_p"] = float(f"{cmp['p_value']:.4g}")
+        df.at[i, "verdict"] = cmp["verdict"]
+        df.at[i, "base_settings_id"] = result_row(base)["settings_id"]
+    return df
+
+
+def _with_extras(order: list[str], columns: Any) -> list[str]:
+    """``order`` with each accuracy's interval after it and the paired columns after the worst case."""
+    out: list[str] = []
+    for col in order:
+        out.append(col)
+        if col.endswith("_acc") and col[:-4] + "_ci95" in columns:
+            out.append(col[:-4] + "_ci95")
+        if col == "worst_case_acc":
+            out.extend(PAIRED_COLUMNS)
+        if col == "seconds":
+            out.extend(COST_COLUMNS)
+        if col == "flags":
+            out.extend(AUDIT_COLUMNS)
+    return out
 
 
 def _eps_value(text: str) -> float:
@@ -162,10 +240,12 @@ def _flag_eps_monotonicity(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (model, defense, settings); the newest result wins; ranked by worst case."""
-    rows = [result_row(r) for r in sorted(results, key=_written)]  # stable: ties keep the path order
+    ordered = sorted(results, key=_written)  # stable: ties keep the path order
+    rows = [result_row(r) for r in ordered]
     if not rows:
         return pd.DataFrame(columns=LEAD_COLUMNS + TAIL_COLUMNS)
     df = pd.DataFrame(rows).drop_duplicates(subset="settings_id", keep="last")
+    df = _add_paired(df, ordered)  # df's index is the position in ``ordered``
     df = _flag_eps_monotonicity(df)
     df = df.sort_values(["worst_case_acc", "clean_acc", "model", "defense", "alpha"],
                         ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
@@ -174,7 +254,7 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
                                                                                       "autoattack_acc",
                                                                                       "worst_case_acc")),
                          key=lambda c: (ATTACKS.index(c[:-4]) if c[:-4] in ATTACKS else len(ATTACKS), c))
-    order = LEAD_COLUMNS + attack_cols + TAIL_COLUMNS
+    order = _with_extras(LEAD_COLUMNS + attack_cols + TAIL_COLUMNS, df.columns)
     return df[[c for c in order if c in df.columns]].reset_index(drop=True)
 
 
@@ -184,10 +264,14 @@ def to_markdown(df: pd.DataFrame) -> str:
         return "_no results yet_\n"
     show = [c for c in df.columns if c not in ("settings_id", "result", "robustify_version", "torch_version",
                                                 "pyautoattack_version", "budgets", "attacks")]
-    show = [c for c in show if c != "not_applicable"]
+    show = [c for c in show if c not in ("not_applicable", "base_settings_id", "cost", "seconds_per_attack")
+            and not c.endswith("_ci95")]
     view = df[show].copy().astype(object)
     for col in view.columns:
         view[col] = view[col].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else v)
+    for col in [c for c in view.columns if c.endswith("_acc") and c[:-4] + "_ci95" in df.columns]:
+        ci = df[col[:-4] + "_ci95"].fillna("").astype(str)
+        view[col] = [f"{v} {c}" if c and v != "" else v for v, c in zip(view[col], ci)]
     for i, text in enumerate(df.get("not_applicable", pd.Series([""] * len(df))).fillna("")):
         for item in filter(None, str(text).split("; ")):
             col = item.split(":", 1)[0] + "_acc"
@@ -204,7 +288,20 @@ def to_markdown(df: pd.DataFrame) -> str:
         "column is the robust accuracy after that attack and all attacks before it (AutoAttack's convention); in\n"
         "`individual` mode each attack ran alone on every correctly classified example.\n"
         "`n/a`: the attack does not apply (BPDA without MeanSparse equals APGD; Sparta and smooth activations are\n"
-        "differentiable; a transfer attack from the base model onto itself is a white-box attack).\n\n"
+        "differentiable; a transfer attack from the base model onto itself is a white-box attack).\n"
+        "`[lo, hi]` after an accuracy: its exact 95% (Clopper-Pearson) interval over the `n_examples` images.\n"
+        "`delta_worst_case`: worst-case accuracy of the row minus that of its base row (same model, same examples,\n"
+        "same attacks, in points); `discordant`: examples robust only on the base / only on the defended row;\n"
+        f"`mcnemar_p`: exact McNemar test on them; `verdict`: `gain` or `loss` when p < {LEVEL}, else\n"
+        "`no significant gain`.\n"
+        "`passes`: forward + backward example-passes of the whole evaluation (a pass over a batch of B images counts\n"
+        "B), counted by hooks on the model; `passes_per_example` divides by `n_examples`; the CSV's `cost` column\n"
+        "gives forward+backward passes per attack and attacked example, `seconds_per_attack` the wall time.\n"
+        "`audit_*` (rows audited with `robustify audit` or `--audit`): accuracy under APGD-CE with an unbounded eps\n"
+        "(flag `fails-unbounded` above chance), share of examples newly broken by the strongest white-box attack with\n"
+        "twice the budget (`not-converged`), the largest share of a MeanSparse site's units inside the zero-gradient\n"
+        "band (`masked-gradients`), share broken by random points of the eps ball that every white-box attack left\n"
+        "(`noise-beats-white-box`); thresholds in the `audit.config` entry of each result.json.\n\n"
         "Attack budgets:\n" + "".join(f"- `{b}`\n" for b in budgets)
     )
     return header + body + notes
@@ -241,6 +338,18 @@ def model_info(row: pd.Series) -> dict[str, Any]:
     }
     if not earned or worst < aa:
         info["external"] = f"{worst:.2f}"
+    if row.get("passes") is not None and not pd.isna(row.get("passes")):
+        info["passes"] = {"total": int(row["passes"]), "per_example": row["passes_per_example"],
+                          "per_attack": row["cost"], "seconds_per_attack": row["seconds_per_attack"]}
+    audit = {c.removeprefix("audit_"): row[c] for c in AUDIT_COLUMNS if c in row.index and pd.notna(row[c])}
+    if audit:
+        info["audit_pct"] = audit
+    info["intervals_95"] = {c[:-5]: row[c] for c in row.index if c.endswith("_ci95") and isinstance(row[c], str)
+                            and row[c]}
+    if row.get("verdict"):
+        info["paired_with_base"] = {"base_settings_id": row["base_settings_id"],
+                                    "delta_worst_case": row["delta_worst_case"], "discordant": row["discordant"],
+                                    "mcnemar_p": row["mcnemar_p"], "verdict": row["verdict"], "level": LEVEL}
     return info
 
 

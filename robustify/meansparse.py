@@ -10,6 +10,9 @@ Modes are plain Python attributes toggled by context managers and never saved:
 * ``straight_through`` (BPDA): same forward, identity backward, as RobustBench's external
   evaluation of the published MeanSparse models; use :func:`bpda`.
 * ``enabled``: when False the module is the identity, used to run the base model.
+* ``soft_temperature`` (soft BPDA): same forward; the backward is that of the smooth surrogate
+  ``mean + (x - mean) * sigmoid((|x - mean| - crop) / (T * crop))`` of the band, with
+  temperature ``T`` relative to the band's half-width; use :func:`soft_bpda`.
 
 Speed (eager). ``torch.where`` and comparison ops are slow on CPUs, and every full-size
 temporary of a large activation is a fresh allocation (page faults). The eager forward
@@ -44,6 +47,7 @@ __all__ = [
     "NotCalibratedError",
     "bpda",
     "defenses_disabled",
+    "soft_bpda",
     "meansparse_modules",
     "set_alpha",
 ]
@@ -63,6 +67,32 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return grad_output, None, None
+
+
+class _SoftBand(torch.autograd.Function):
+    """MeanSparse forward; backward of ``mean + (x - mean) * sigmoid((|x - mean| - crop) / tau)``.
+
+    ``tau = temperature * crop`` per channel. The surrogate's derivative
+    ``s + |x - mean| * s * (1 - s) / tau`` (``s`` the sigmoid) is positive everywhere, tends
+    to 1 far outside the band and to the hard band's zero/one as the temperature falls.
+    Channels with ``crop == 0`` are never sparsified and pass the gradient unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mean: torch.Tensor, crop: torch.Tensor,  # type: ignore[override]
+                temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(x, mean, crop)
+        ctx.temperature = temperature
+        return _sparsify(x, mean, crop)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        x, mean, crop = ctx.saved_tensors
+        dist = (x - mean).abs()
+        tau = (crop * ctx.temperature).clamp_min(torch.finfo(x.dtype).tiny)
+        s = torch.sigmoid((dist - crop) / tau)
+        slope = torch.where(crop > 0, s + dist * s * (1 - s) / tau, torch.ones_like(s))
+        return grad_output * slope, None, None, None
 
 
 def _sparsify(x: torch.Tensor, mean: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
@@ -309,6 +339,7 @@ class MeanSparse(nn.Module):
         self.calibrated = False
         self.calibrating = False
         self.straight_through = False
+        self.soft_temperature: float | None = None
         self.enabled = True
         self.moments = RunningMoments()
         self._official: list[torch.Tensor] = []
@@ -439,6 +470,8 @@ class MeanSparse(nn.Module):
             )
         if self._alpha == 0.0:
             return x  # strict "<": a zero threshold selects nothing, exactly the identity
+        if self.soft_temperature is not None:
+            return _SoftBand.apply(x, *self.thresholds_like(x), self.soft_temperature)
         if _is_tracing(x):
             mean, crop = self.thresholds_like(x)
             if self.straight_through:
@@ -466,7 +499,7 @@ class MeanSparse(nn.Module):
         """True when the forward is the plain (non-BPDA) sparsification, nothing else."""
         return (
             self.calibrated and self.enabled and not self.calibrating and not self.straight_through
-            and self._alpha != 0.0
+            and self._alpha != 0.0 and self.soft_temperature is None
         )
 
     def extra_repr(self) -> str:
@@ -549,7 +582,7 @@ def set_alpha(model: nn.Module, alpha: float | Mapping[str, float]) -> None:
 
 
 @contextlib.contextmanager
-def _toggled(model: nn.Module, attribute: str, value: bool) -> Iterator[nn.Module]:
+def _toggled(model: nn.Module, attribute: str, value: bool | float) -> Iterator[nn.Module]:
     modules = list(meansparse_modules(model).values())
     previous = [getattr(m, attribute) for m in modules]
     for m in modules:
@@ -567,6 +600,16 @@ def bpda(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     The forward is unchanged; the backward is the identity. Restored on exit, even on error.
     """
     return _toggled(model, "straight_through", True)
+
+
+def soft_bpda(model: nn.Module, temperature: float) -> contextlib.AbstractContextManager[nn.Module]:
+    """Within the block, every MeanSparse module back-propagates through the smooth surrogate
+    of its band at ``temperature`` (relative to the band's half-width). Forward unchanged;
+    restored on exit, even on error; never saved."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return _toggled(model, "soft_temperature", float(temperature))
 
 
 def defenses_disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:

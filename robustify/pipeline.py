@@ -239,7 +239,7 @@ def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[A
     has_ms = bool(meansparse_modules(model))
     keep = []
     for attack in config.attacks:
-        if attack.startswith("bpda-") and not has_ms:
+        if (attack.startswith("bpda-") or attack == "soft-bpda") and not has_ms:
             skipped[attack] = ("not applicable: no MeanSparse (equals standard APGD)" if defense == "none"
                                else "not applicable: the defense is differentiable")
         elif attack == "transfer" and defense == "none":

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The sanity suite (robustify audit) on the committed leaderboard rows, from their per-example results in
+# leaderboard/results/*/result.json (stored there as each result's "audit" entry), then the tables rebuilt.
+# The MeanSparse rows need the calibration of benchmarks/leaderboard_cifar10.sh (exact statistics: the same
+# command gives the same file); the audit refuses a model whose clean predictions differ from the evaluated one.
+# Rows of trained defenses (Sparta, PSSiLU) need benchmarks/train_defenses.py's files and are audited when present.
+#
+# Reproduce (from the repository root): bash benchmarks/audit_leaderboard.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+RUNS=${RUNS:-runs/leaderboard_cifar10}
+ALPHAS=${ALPHAS:-"0.1 0.2 0.3"}
+MODEL=(aa-resnet18 --weights "$SHARED/models/resnet18_at_relu.pt" --data "$SHARED/data/cifar10_subset.npz"
+       --n-examples 200 --no-progress)
+# CPU budgets, cut from AuditConfig's defaults (64 examples x 20 iterations unbounded, 32 census examples,
+# 20 noise draws); the convergence rerun keeps twice the evaluation's budget (40 iterations, 2 restarts).
+AUDIT_ARGS=(${AUDIT_ARGS:---audit-unbounded-examples 32 --audit-unbounded-iters 10 --audit-census-examples 16 --audit-noise-draws 10})
+CAL=$RUNS/calibration.safetensors
+[ -f "$CAL" ] || robustify calibrate aa-resnet18 --weights "$SHARED/models/resnet18_at_relu.pt" \
+  --data "$SHARED/data/cifar10_subset.npz" --out "$CAL" --batch-size 256
+robustify audit "${MODEL[@]}" "${AUDIT_ARGS[@]}" --defense none --out leaderboard/results/base
+for a in $ALPHAS; do
+  robustify audit "${MODEL[@]}" "${AUDIT_ARGS[@]}" --defense meansparse --defense-weights "$CAL" --alpha "$a" \
+    --out "leaderboard/results/meansparse_$a"
+done
+for f in runs/defenses/*.safetensors; do
+  case "$f" in *.backbone.safetensors) continue ;; esac
+  [ -f "$f.json" ] && [ -d "leaderboard/results/$(basename "$f" .safetensors)" ] || continue
+  kind=$(python -c "from robustify.train import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
+  robustify audit "${MODEL[@]}" "${AUDIT_ARGS[@]}" --defense "$kind" --defense-weights "$f" --out "leaderboard/results/$(basename "$f" .safetensors)"
+done
+robustify leaderboard leaderboard/results --out leaderboard > /dev/null
+printf '\nReproduce with: `python benchmarks/train_defenses.py && bash benchmarks/leaderboard_cifar10.sh && bash benchmarks/audit_leaderboard.sh` (N=200, ALPHAS="%s"; the MeanSparse rows reuse one calibration file made by `robustify calibrate aa-resnet18 --weights ../shared/models/resnet18_at_relu.pt --data ../shared/data/cifar10_subset.npz --out runs/leaderboard_cifar10/calibration.safetensors --batch-size 256`). The per-example results behind every row are in `leaderboard/results/*/result.json`; `robustify leaderboard leaderboard/results --out leaderboard` rebuilds these tables and plots from them.\n' "$ALPHAS" >> leaderboard/leaderboard.md
