@@ -4,12 +4,14 @@ The data flows one way: :func:`load_model` -> :func:`insert_meansparse` ->
 :func:`calibrate` -> attack/evaluate -> results tables.
 """
 
-__version__ = "0.1.0"
-
-from .calibrate import calibrate, calibrating  # noqa: E402
-from .config import MeanSparseConfig, parse_eps  # noqa: E402
-from .data import DataError, load_data, loader, to_tensors  # noqa: E402
-from .insert import (  # noqa: E402
+from ._version import __version__
+from .activations import ActivationConfig, swap_activations
+from .attacks import AttackConfig
+from .calibrate import calibrate, calibrating
+from .config import MeanSparseConfig, parse_eps
+from .data import DataError, load_data, loader, to_tensors
+from .evaluate import EvalResult, load_result  # (the function: robustify.evaluate.evaluate)
+from .insert import (
     InsertionError,
     fuse_meansparse,
     insert_meansparse,
@@ -17,7 +19,9 @@ from .insert import (  # noqa: E402
     remove_meansparse,
     unfuse_meansparse,
 )
-from .meansparse import (  # noqa: E402
+from .interop import convert_published_meansparse
+from .leaderboard import write_leaderboard
+from .meansparse import (
     MeanSparse,
     NotCalibratedError,
     bpda,
@@ -26,17 +30,12 @@ from .meansparse import (  # noqa: E402
     set_alpha,
     soft_bpda,
 )
-from .models import ModelInfo, ModelLoadError, load_model  # noqa: E402
-from .sites import Site, register_activation  # noqa: E402
-from .state import StateMismatchError, load_calibration, save_calibration  # noqa: E402
-from .attacks import AttackConfig  # noqa: E402
-from .evaluate import EvalResult, load_result  # noqa: E402  (the function: robustify.evaluate.evaluate)
-from .leaderboard import write_leaderboard  # noqa: E402
-from .pipeline import EvaluationJob, run_evaluation, sweep_alpha  # noqa: E402
-from .interop import convert_published_meansparse  # noqa: E402
-from .sparta import SpartaConfig, insert_sparta, load_sparta, save_sparta  # noqa: E402
-from .activations import ActivationConfig, swap_activations  # noqa: E402
-from .train import TrainConfig, load_defense, save_defense, train_defense  # noqa: E402
+from .models import ModelInfo, ModelLoadError, load_model
+from .pipeline import EvaluationJob, run_evaluation, sweep_alpha
+from .sites import Site, register_activation
+from .sparta import SpartaConfig, insert_sparta, load_sparta, save_sparta
+from .state import StateMismatchError, load_calibration, save_calibration
+from .train import TrainConfig, load_defense, save_defense, train_defense
 
 __all__ = [
     "ActivationConfig",

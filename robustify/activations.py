@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SerializableConfig
-from .insert import InsertionError
+from .errors import InsertionError, StateMismatchError
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
 from .sparta import read_defense_file, write_defense_file
-from .state import StateMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .errors import DataError
 from .models import ModelInfo, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ SPLITS = ("train", "test", "holdout")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SPECS = ("imagenet:", "folder:")
 MAX_AUTO_WORKERS = 8
-
-
-class DataError(ValueError):
-    """A dataset spec, file or content is unusable."""
 
 
 def check_image_size(image_shape: tuple[int, ...], input_size: tuple[int, ...]) -> None:

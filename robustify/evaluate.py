@@ -34,11 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .attacks import BLACK_BOX, STANDARD, WHITE_BOX, AttackConfig, build_attack, make_autoattack
 from .config import format_eps
 from .cost import PassCounter, summarise
-from .data import DataError, validate_batch
+from .data import validate_batch
+from .errors import DataError, EvaluationLockedError, JournalMismatchError
 from .io import write_json
 from .memory import split_on_oom
 
@@ -50,14 +52,6 @@ RESULT_FILE = "result.json"
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = ".lock"
 AUDIT_MARGIN = 0.002  # AutoAttack's check_square_sr tolerance (0.2 points)
-
-
-class EvaluationLockedError(RuntimeError):
-    """Another evaluation is writing the same results directory."""
-
-
-class JournalMismatchError(ValueError):
-    """The results directory holds a different evaluation."""
 
 
 @dataclass

@@ -7,8 +7,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import (CALIB_BATCH_HELP, add_meansparse_args, add_model_args, add_workers_arg, meansparse_config,
-                  register_command)
+from .cli_common import (CALIB_BATCH_HELP, add_meansparse_args, add_model_args, add_workers_arg, meansparse_config,
+                         register_command)
 
 logger = logging.getLogger("robustify")
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import MeanSparseConfig
+from .errors import InsertionError
 from .meansparse import MeanSparse, MeanSparseReLU, meansparse_modules
 from .sites import ACTIVATION_CLASS_NAMES, Site, modularize, plan_output_sites, plan_sites, select_sites
 
@@ -37,10 +38,6 @@ __all__ = [
 
 CHILD_NAME = "meansparse"
 OUTPUT_CHILD_NAME = "meansparse_out"
-
-
-class InsertionError(ValueError):
-    """The model has no site to insert into, or the selection leaves none."""
 
 
 def _run_child_first(child_name: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import NotCalibratedError
 from .stats import RunningMoments
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
     "meansparse_modules",
     "set_alpha",
 ]
-
-
-class NotCalibratedError(RuntimeError):
-    """Raised when an uncalibrated MeanSparse module is run outside calibration."""
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -25,6 +25,8 @@ from typing import Generic, TypeVar
 
 import torch
 
+from .errors import OutOfMemory
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchPlan", "OutOfMemory", "free_memory", "is_oom", "run_batched", "split_on_oom"]
@@ -39,10 +41,6 @@ _OOM_MESSAGES = (
     "DefaultCPUAllocator: can't allocate memory",
     "MPS backend out of memory",
 )
-
-
-class OutOfMemory(RuntimeError):
-    """Even the smallest allowed batch size ran out of memory."""
 
 
 def is_oom(error: BaseException) -> bool:

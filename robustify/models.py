@@ -31,17 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._loading import DATASET_CLASSES, first_line, html_page_error
+from .errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelInfo", "ModelLoadError", "Normalize", "load_model", "load_state_dict_file"]
 
 DATASET_INPUT = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 THREAT_MODELS = ("Linf", "L2", "corruptions")
-
-
-class ModelLoadError(ValueError):
-    """A model spec or checkpoint could not be loaded."""
 
 
 @dataclass
@@ -107,32 +105,6 @@ def default_cache_dir() -> Path:
 # ------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its class name if it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def html_page_error(path: str | Path) -> str | None:
-    """A one-line reason if the file at ``path`` is an HTML page (not weights), else ``None``.
-
-    Google Drive answers large or rate-limited downloads with an HTML confirmation or quota
-    page, which downloaders then save under the checkpoint's name.
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            head = f.read(512).lstrip().lower()
-    except OSError:
-        return None
-    if not head.startswith((b"<!doctype html", b"<html")):
-        return None
-    return (
-        f"checkpoint {str(path)!r} is an HTML page, not weights (a download, e.g. from Google Drive, "
-        "saved its confirmation or quota page): delete it and download the file again"
-    )
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``.
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from .errors import InsertionError
 from .sites import _SE_CLASS, _parameter_sharing_copy, is_activation
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,6 @@ class _LeafTracer(fx.Tracer):
 def _with_attn_residual(block: nn.Module, name: str) -> fx.GraphModule:
     """``block`` as a GraphModule applying an ``nn.Identity`` (``attn_residual``) to
     ``x + drop_path1(...)``, the attention-residual sum."""
-    from .insert import InsertionError
-
     graph = _LeafTracer().trace(block)
     adds = [n for n in graph.nodes if n.op == "call_function" and n.target in (operator.add, operator.iadd)
             and any(getattr(a, "op", None) == "call_module" and a.target == "drop_path1" for a in n.args)]
@@ -243,8 +242,6 @@ def _known() -> str:
 def find_family(model: nn.Module) -> tuple[PublishedRule, str]:
     """The published rule covering ``model`` and the path of the network it applies to
     (the outermost module of a known class, e.g. ``model`` inside a normalisation wrapper)."""
-    from .insert import InsertionError
-
     for path, module in model.named_modules():
         qualified = _qualified(module)
         for rule in FAMILIES:

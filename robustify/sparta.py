@@ -49,12 +49,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import SerializableConfig
-from .insert import InsertionError
+from .errors import InsertionError, StateMismatchError
 from .io import atomic_path, write_json
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
-from .state import StateMismatchError, sidecar_path
+from .state import sidecar_path
 
 logger = logging.getLogger(__name__)
 

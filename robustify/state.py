@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import MeanSparseConfig
-from .insert import InsertionError, insert_meansparse, remove_meansparse
+from .errors import InsertionError, StateMismatchError
+from .insert import insert_meansparse, remove_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules
 
@@ -38,10 +39,6 @@ __all__ = [
 
 FORMAT = "robustify-meansparse"
 FORMAT_VERSION = 1
-
-
-class StateMismatchError(ValueError):
-    """Saved state does not fit the model, or the file is unreadable."""
 
 
 def sidecar_path(path: str | Path) -> Path:

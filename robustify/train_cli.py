@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from .cli import COMMANDS, add_data_args, add_model_args, load_model_from_args, register_command
+from .cli_common import COMMANDS, add_data_args, add_model_args, load_model_from_args, register_command
 from .config import parse_eps
 
 logger = logging.getLogger("robustify")

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import DATASET_CLASSES, ModelLoadError, first_line, html_page_error
+from ._loading import DATASET_CLASSES, first_line, html_page_error
+from .errors import ModelLoadError
 
 __all__ = ["build_architecture", "check_checkpoint_files", "checkpoint_paths", "cuda_calls_stay_on_cpu",
            "robustbench_timm_name", "zoo_entries"]

@@ -1,0 +1,34 @@
+"""Pieces shared by :mod:`robustify.models` and :mod:`robustify.zoo` (below both, so
+``zoo`` needs nothing from ``models``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def html_page_error(path: str | Path) -> str | None:
+    """A one-line reason if the file at ``path`` is an HTML page (not weights), else ``None``.
+
+    Google Drive answers large or rate-limited downloads with an HTML confirmation or quota
+    page, which downloaders then save under the checkpoint's name.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        return None
+    if not head.startswith((b"<!doctype html", b"<html")):
+        return None
+    return (
+        f"checkpoint {str(path)!r} is an HTML page, not weights (a download, e.g. from Google Drive, "
+        "saved its confirmation or quota page): delete it and download the file again"
+    )
