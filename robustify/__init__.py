@@ -10,7 +10,7 @@ from .attacks import AttackConfig
 from .calibrate import calibrate, calibrating
 from .config import MeanSparseConfig, parse_eps
 from .data import DataError, load_data, loader, to_tensors
-from .evaluate import EvalResult, load_result  # (the function: robustify.evaluate.evaluate)
+from . import evaluate  # the engine module, callable: rb.evaluate(model, x, y, config) runs evaluate.evaluate
 from .insert import (
     InsertionError,
     fuse_meansparse,
@@ -32,6 +32,7 @@ from .meansparse import (
 )
 from .models import ModelInfo, ModelLoadError, load_model
 from .pipeline import EvaluationJob, run_evaluation, sweep_alpha
+from .results import EvalResult, load_result
 from .sites import Site, register_activation
 from .sparta import SpartaConfig, insert_sparta, load_sparta, save_sparta
 from .state import StateMismatchError, load_calibration, save_calibration
@@ -45,6 +46,7 @@ __all__ = [
     "SpartaConfig",
     "TrainConfig",
     "convert_published_meansparse",
+    "evaluate",
     "insert_sparta",
     "load_defense",
     "load_result",

@@ -19,7 +19,7 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
   ``noise_tolerance`` of all examples.
 
 The result is the ``audit`` entry of ``result.json`` (:func:`audit_result_file`); the
-leaderboard shows its figures and flags. The flags of :func:`robustify.evaluate.audit`
+leaderboard shows its figures and flags. The flags of :func:`robustify.results.audit`
 (black-box beats white-box, BPDA beats standard, ...) and the leaderboard's
 eps-monotonicity check stay as they are.
 """
@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import BLACK_BOX, AttackConfig, _capture_site_inputs, build_attack
-from .evaluate import RESULT_FILE, EvalResult, _attack_batch, _chunks, _predict, load_result
+from .evaluate import _attack_batch, _chunks, _predict
 from .io import write_json
 from .meansparse import bpda, meansparse_modules
+from .results import RESULT_FILE, EvalResult, load_result
 
 logger = logging.getLogger(__name__)
 

@@ -12,21 +12,22 @@ runs only what is missing, so a run killed at any point (even ``kill -9``) resum
 the same final numbers: each batch reseeds its attack, and batches are formed from the
 journal alone. A partially written last line is ignored. ``<out>/result.json`` is written
 atomically at the end. A lock file refuses a second evaluation writing the same directory.
+
+The journal and lock are :mod:`robustify.journal`; the result schema and its flags
+:mod:`robustify.results`. The module itself is callable as :func:`evaluate` (``rb.evaluate``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import hashlib
-import json
+import inspect
 import logging
-import os
 import platform
+import sys
 import time
+import types
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,162 +37,25 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._version import __version__
-from .attacks import BLACK_BOX, STANDARD, WHITE_BOX, AttackConfig, build_attack, make_autoattack
+from .attacks import AttackConfig, build_attack, make_autoattack
 from .config import format_eps
 from .cost import PassCounter, summarise
 from .data import validate_batch
 from .errors import DataError, EvaluationLockedError, JournalMismatchError
 from .io import write_json
+from .journal import JOURNAL_FILE, LOCK_FILE, Journal, data_fingerprint, locked
 from .memory import split_on_oom
+from .results import AUDIT_MARGIN, RESULT_FILE, EvalResult, audit, load_result
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "EvaluationLockedError", "JournalMismatchError", "evaluate", "load_result"]
+# The schema (EvalResult, load_result, audit) lives in robustify.results and the journal and lock in
+# robustify.journal; they are re-exported here, where they were first defined.
+__all__ = ["AUDIT_MARGIN", "JOURNAL_FILE", "LOCK_FILE", "RESULT_FILE", "EvalResult", "EvaluationLockedError", "Journal",
+           "JournalMismatchError", "audit", "evaluate", "load_result"]
 
-RESULT_FILE = "result.json"
-JOURNAL_FILE = "journal.jsonl"
-LOCK_FILE = ".lock"
-AUDIT_MARGIN = 0.002  # AutoAttack's check_square_sr tolerance (0.2 points)
-
-
-@dataclass
-class EvalResult:
-    """Everything an evaluation found, flat enough for a leaderboard row."""
-
-    meta: dict[str, Any]
-    config: dict[str, Any]
-    n_examples: int
-    clean_acc: float
-    attack_acc: dict[str, float]
-    worst_case_acc: float
-    flags: list[str]
-    per_example: dict[str, list[int | None]]
-    seconds: dict[str, float]
-    versions: dict[str, str]
-    aa_checks: list[str] = field(default_factory=list)
-    finished: str | None = None  # UTC ISO time the result was written (the newest duplicate wins)
-    data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
-    cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # per phase: passes and seconds (cost.py)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def load_result(path: str | Path) -> EvalResult:
-    """Read a ``result.json`` (or the directory holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULT_FILE
-    try:
-        return EvalResult.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"cannot read results file {str(path)!r}: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------------------
-# journal
-# ------------------------------------------------------------------------------------------
-def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(x.detach().cpu().contiguous().numpy().tobytes())
-    h.update(y.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class Journal:
-    """Append-only JSON-lines record of finished batches (or an in-memory one)."""
-
-    def __init__(self, directory: Path | None, header: dict[str, Any], writer: bool = True) -> None:
-        self.records: dict[tuple[str, int], dict[str, Any]] = {}
-        self.path = directory / JOURNAL_FILE if directory is not None else None
-        self._file = None
-        if self.path is None:
-            return
-        if self.path.exists():
-            self._replay(header, rewrite=writer)
-            if writer:
-                self._open()
-        elif writer:
-            self._open()
-            self.append({"kind": "header", **header})
-
-    def _open(self) -> None:
-        assert self.path is not None
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-
-    def _replay(self, header: dict[str, Any], rewrite: bool = True) -> None:
-        assert self.path is not None
-        text = self.path.read_text(encoding="utf-8")
-        lines, complete = text.split("\n"), text.endswith("\n")
-        parsed = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                parsed.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1 or (i == len(lines) - 2 and not lines[-1]):
-                    logger.warning("ignoring a partially written last journal line in %s", self.path)
-                    break
-                raise JournalMismatchError(f"{self.path} is corrupted at line {i + 1}") from None
-        if not parsed or parsed[0].get("kind") != "header":
-            raise JournalMismatchError(f"{self.path} has no header: not a robustify journal")
-        saved = {k: v for k, v in parsed[0].items() if k != "kind"}
-        if saved != json.loads(json.dumps(header)):
-            diff = sorted(k for k in set(saved) | set(header) if saved.get(k) != json.loads(json.dumps(header)).get(k))
-            raise JournalMismatchError(
-                f"{self.path.parent} holds a different evaluation (differs in {diff}); "
-                "use another --out directory or delete it"
-            )
-        for rec in parsed[1:]:
-            self.records[(rec["attack"], rec["batch"])] = rec
-        if not complete and rewrite:  # rewrite without the torn line so appends start on a fresh line
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in parsed), encoding="utf-8")
-        logger.info("resuming from %s: %d finished batch(es)", self.path, len(self.records))
-
-    def get(self, attack: str, batch: int, indices: list[int]) -> dict[str, Any] | None:
-        rec = self.records.get((attack, batch))
-        if rec is None:
-            return None
-        if rec["idx"] != indices:
-            raise JournalMismatchError(f"journal batch {attack}#{batch} covers other examples than this run")
-        return rec
-
-    def append(self, record: dict[str, Any]) -> None:
-        if record.get("kind") != "header":
-            self.records[(record["attack"], record["batch"])] = record
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-@contextlib.contextmanager
-def _locked(directory: Path | None) -> Iterator[None]:
-    if directory is None:
-        yield
-        return
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "w") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EvaluationLockedError(f"another evaluation is writing {directory}; wait for it or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+_fingerprint = data_fingerprint
+_locked = locked
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,13 +165,13 @@ def evaluate(
         "config": config.to_dict(),
         "meta": meta,
         "n_examples": n,
-        "data_fingerprint": _fingerprint(x, y),
+        "data_fingerprint": data_fingerprint(x, y),
     }
     model.eval()
     logger.info("attacking %d example(s) at %s eps %s with %s", n, config.norm, format_eps(config.eps, config.norm),
                 ", ".join(config.attacks))
     main = distributed.is_main()
-    with _locked(directory if main else None), _autoattack_warnings() as aa_warnings, \
+    with locked(directory if main else None), _autoattack_warnings() as aa_warnings, \
             _parameters_frozen(model, source_model):
         journal = Journal(directory, header, writer=main)
         try:
@@ -483,41 +347,14 @@ def _attack_batch(
             "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
 
 
-# ------------------------------------------------------------------------------------------
-# gradient-masking audit (per result; cross-row checks live in robustify.leaderboard)
-# ------------------------------------------------------------------------------------------
-def _breaks(result: EvalResult, attack: str) -> set[int]:
-    return {i for i, v in enumerate(result.per_example.get(attack, [])) if v == 1}
+class _CallableModule(types.ModuleType):
+    """This module, callable as its :func:`evaluate`: ``robustify.evaluate`` is both the engine
+    module (``robustify.evaluate.Journal``, ``import robustify.evaluate``, ``mock.patch``) and,
+    as ``rb.evaluate(model, x, y, config)``, the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> EvalResult:
+        return evaluate(*args, **kwargs)
 
 
-def audit(result: EvalResult) -> list[str]:
-    """Flags that suggest gradient masking or an unreliable evaluation.
-
-    * ``black-box-beats-white-box``: Square or the transfer attack breaks examples that
-      every white-box attack run left robust (more than 0.2 points, as AutoAttack's check).
-    * ``bpda-beats-standard``: BPDA-APGD breaks examples standard APGD did not.
-    * ``adaptive-beats-standard``: the adaptive attack breaks examples standard attacks did not.
-    * ``autoattack-checks``: one of AutoAttack's own checks fired (see ``aa_checks``).
-    """
-    n = max(result.n_examples, 1)
-    attacks = list(result.attack_acc)
-    white = [a for a in attacks if a in WHITE_BOX]
-    flags = []
-
-    def extra(attacks_a: list[str], attacks_b: list[str]) -> float:
-        a = set().union(*[_breaks(result, x) for x in attacks_a]) if attacks_a else set()
-        b = set().union(*[_breaks(result, x) for x in attacks_b]) if attacks_b else set()
-        return len(a - b) / n
-
-    if white and extra([a for a in attacks if a in BLACK_BOX], white) > AUDIT_MARGIN:
-        flags.append("black-box-beats-white-box")
-    std_apgd = [a for a in attacks if a in ("apgd-ce", "apgd-dlr")]
-    bpda_attacks = [a for a in attacks if a.startswith("bpda-")]
-    if std_apgd and bpda_attacks and extra(bpda_attacks, std_apgd) > AUDIT_MARGIN:
-        flags.append("bpda-beats-standard")
-    standard = [a for a in attacks if a in STANDARD]
-    if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
-        flags.append("adaptive-beats-standard")
-    if result.aa_checks:
-        flags.append("autoattack-checks")
-    return flags
+__signature__ = inspect.signature(evaluate)  # what inspect.signature(rb.evaluate) shows
+sys.modules[__name__].__class__ = _CallableModule

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FLAG_EXPLANATIONS", "render_page", "to_latex", "write_latex", "write_page"]
 
-#: What each flag of a leaderboard row means (flags come from ``robustify.evaluate.audit`` and
+#: What each flag of a leaderboard row means (flags come from ``robustify.results.audit`` and
 #: the cross-row checks of ``robustify.leaderboard``).
 FLAG_EXPLANATIONS: dict[str, str] = {
     "black-box-beats-white-box": "Square or the transfer attack broke examples every white-box attack left robust "

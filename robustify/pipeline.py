@@ -22,12 +22,13 @@ from .attacks import AttackConfig, threat_norm
 from .calibrate import calibrate
 from .config import MeanSparseConfig
 from .data import check_image_size, load_model_data, loader, reads_image_files, to_tensors
-from .evaluate import EvalResult, evaluate
+from .evaluate import evaluate
 from .fast import PRECISIONS, for_evaluation
 from .insert import insert_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules, set_alpha
 from .models import ModelInfo, load_model
+from .results import EvalResult
 from .state import StateMismatchError, load_calibration, save_calibration, sidecar_path
 
 logger = logging.getLogger(__name__)
