@@ -18,7 +18,7 @@ straight-through backward everywhere: ``bpda-apgd-ce, bpda-apgd-t, bpda-fab-t, s
 temperature is annealed over :data:`SOFT_BPDA_TEMPERATURES`, each stage starting from the
 previous stage's best point) instead of the identity; ``adaptive``: the MeanSparse paper's attack (PGD on
 cross-entropy minus a penalty on feature changes at the sites MeanSparse blocks; lambda=0 is
-plain PGD); ``pgd``: plain PGD with the same budget; ``transfer``: APGD-CE crafted on the
+plain PGD); ``pgd``: plain PGD with the same budget (both run :func:`pgd`, adversarial training's attack too); ``transfer``: APGD-CE crafted on the
 undefended base model, evaluated on the defended one.
 """
 
@@ -42,7 +42,7 @@ from .meansparse import bpda, defenses_disabled, meansparse_modules, soft_bpda
 logger = logging.getLogger(__name__)
 
 __all__ = ["ATTACKS", "DEFAULT_EPS", "Attack", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "build_attack",
-           "default_eps", "expand_attacks", "threat_norm"]
+           "default_eps", "evaluate_pgd", "expand_attacks", "pgd", "threat_norm"]
 
 STANDARD = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 ADAPTIVE = ("bpda-apgd-ce", "bpda-apgd-dlr", "bpda-apgd-t", "bpda-fab-t", "soft-bpda", "adaptive", "pgd",
@@ -345,13 +345,115 @@ def _step(grad: torch.Tensor, step: float, norm: str) -> torch.Tensor:
     return step * grad / g
 
 
+def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target)
+
+
+def pgd(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str = "Linf",
+    random_start: bool = True,
+    targeted: bool = False,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _mean_cross_entropy,
+    generator: torch.Generator | None = None,
+    first_adversarial: bool = False,
+) -> torch.Tensor:
+    """PGD (Madry et al.) on images in [0, 1] in the ``norm`` ball (Linf or L2) of radius ``eps``.
+
+    Each step moves by ``step_size`` along the sign (Linf) or the direction (L2) of the gradient
+    of ``loss(logits, target)`` (default: mean cross-entropy), projects back onto the ball and
+    clips to [0, 1]. Untargeted, ``target`` is ``y`` and the loss rises; ``targeted``, it is a
+    random wrong class per example (drawn first) and the loss falls. ``random_start``: uniform
+    noise in the Linf cube of radius ``eps``, projected onto the ball. Random numbers come from
+    ``generator`` (on its device; None: torch's global one). Returns the last iterate, or with
+    ``first_adversarial`` per example the first iterate whose prediction is not ``y`` (the
+    last if none is). Only the input gets gradients; parameters are untouched. Used by the
+    ``adaptive`` and ``pgd`` attacks (:class:`MaskPenaltyPGD`) and by adversarial training.
+    """
+    if steps == 0:
+        return x.detach()
+    device = generator.device if generator is not None else torch.device("cpu")
+    target = y
+    if targeted:
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
+        shift = torch.randint(1, num_classes, y.shape, generator=generator, device=device).to(y.device)
+        target = (y + shift) % num_classes
+    delta = torch.zeros_like(x)
+    if random_start:
+        delta = (torch.rand(x.shape, generator=generator, device=device).to(x.device) * 2 - 1) * eps
+        delta = (x + _project(delta, eps, norm)).clamp(0, 1) - x
+    best = x.clone()
+    found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        if first_adversarial:
+            fooled = logits.argmax(1) != y
+            best[fooled & ~found] = (x + delta)[fooled & ~found].detach()
+            found |= fooled
+        value = loss(logits, target)
+        (grad,) = torch.autograd.grad(-value if targeted else value, delta)
+        with torch.no_grad():
+            delta = _project(delta + _step(grad, step_size, norm), eps, norm)
+            delta = (x + delta).clamp(0, 1) - x
+    if not first_adversarial:
+        return (x + delta).detach()
+    with torch.no_grad():
+        final = x + delta
+        fooled = model(final).argmax(1) != y
+        take = fooled & ~found
+        best[take] = final[take]
+        rest = ~(found | fooled)
+        best[rest] = final[rest]
+    return best.detach()
+
+
+def evaluate_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 10,
+    step_size: float | None = None,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Clean and PGD-``steps`` accuracy (L-inf, step ``eps/4`` by default, random start), in [0, 1]:
+    a quick check after training, without the journal (:func:`robustify.evaluate.evaluate` is the
+    evaluation)."""
+    step_size = eps / 4 if step_size is None else step_size
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    clean = robust = 0
+    try:
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i: i + batch_size], y[i: i + batch_size]
+            with torch.no_grad():
+                clean += int((model(xb).argmax(1) == yb).sum())
+            adv = pgd(model, xb, yb, eps=eps, steps=steps, step_size=step_size, generator=generator)
+            with torch.no_grad():
+                robust += int((model(adv).argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return {"clean_acc": clean / len(x), "pgd_acc": robust / len(x), "n": len(x), "steps": steps, "eps": eps}
+
+
 class MaskPenaltyPGD(Attack):
     """The MeanSparse paper's adaptive attack (appendix A.4, reconstructed).
 
     Maximises ``CE(f(x+d), y) - lambda * sum_l ||M_l * (z_l(x+d) - z_l(x))||_2`` by PGD with
-    a random start, where ``z_l`` is the input of MeanSparse site ``l`` and ``M_l`` marks the
-    entries of the clean input that site ``l`` replaces by the mean. ``lambda = 0`` is plain
-    PGD. Returns, per example, the first iterate that is misclassified (else the last).
+    a random start (:func:`pgd`), where ``z_l`` is the input of MeanSparse site ``l`` and ``M_l``
+    marks the entries of the clean input that site ``l`` replaces by the mean. ``lambda = 0`` is
+    plain PGD. Returns, per example, the first iterate that is misclassified (else the last).
     """
 
     def __init__(self, model: nn.Module, config: AttackConfig, lam: float, name: str):
@@ -376,35 +478,16 @@ class MaskPenaltyPGD(Attack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         masks = self._masks(x) if self.lam > 0 else {}
-        delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * self.eps
-        delta = _project(delta, self.eps, self.norm)
-        delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
-        best = x.clone()
-        found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.steps):
-            with _capture_site_inputs(self.model) as captured:
-                logits = self.model(x + delta)
-            fooled = logits.argmax(1) != y
-            new = fooled & ~found
-            best[new] = (x + delta)[new].detach()
-            found |= fooled
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            for site, (z0, mask) in masks.items():
-                diff = (captured[site] - z0) * mask
-                loss = loss - self.lam * diff.flatten(1).norm(dim=1).sum()
-            grad, = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = _project(delta + _step(grad, self.step_size, self.norm), self.eps, self.norm)
-                delta = (x + delta).clamp(0, 1) - x
-            delta.requires_grad_(True)
-        with torch.no_grad():
-            final = x + delta
-            fooled = self.model(final).argmax(1) != y
-            take = fooled & ~found
-            best[take] = final[take]
-            rest = ~(found | fooled)
-            best[rest] = final[rest]
-        return best.detach()
+        with _capture_site_inputs(self.model) as captured:
+            def objective(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                value = F.cross_entropy(logits, target, reduction="sum")
+                for site, (z0, mask) in masks.items():
+                    diff = (captured[site] - z0) * mask
+                    value = value - self.lam * diff.flatten(1).norm(dim=1).sum()
+                return value
+
+            return pgd(self.model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size, norm=self.norm,
+                       loss=objective, generator=generator, first_adversarial=True)
 
 
 class SoftBPDA(Attack):

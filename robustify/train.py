@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .activations import ActivationConfig, ParametricActivation, PSSiLU, load_activations, save_activations, swap_activations
+from .attacks import evaluate_pgd, pgd  # the one PGD (training's attack), re-exported here
 from .io import atomic_path
 from .sparta import SpartaConfig, insert_sparta, load_sparta, read_sidecar, save_sparta, sparta_modules
 from .config import MeanSparseConfig
@@ -285,75 +286,6 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
             f"backbone weights {str(path)!r} do not fit this model: missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-
-
-# ------------------------------------------------------------------------------------------
-# attack and evaluation
-# ------------------------------------------------------------------------------------------
-def pgd(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    random_start: bool = True,
-    targeted: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """L-inf PGD on images in [0, 1]; untargeted (raise CE on ``y``) or towards a random
-    wrong class (``targeted``). Only the input gets gradients; parameters are untouched."""
-    if steps == 0:
-        return x.detach()
-    target = y
-    if targeted:
-        with torch.no_grad():
-            num_classes = model(x[:1]).shape[1]
-        shift = torch.randint(1, num_classes, y.shape, generator=generator).to(y.device)
-        target = (y + shift) % num_classes
-    delta = torch.zeros_like(x)
-    if random_start:
-        delta = (torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1) * eps
-        delta = (x + delta).clamp(0, 1) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), target)
-        (grad,) = torch.autograd.grad(-loss if targeted else loss, delta)
-        with torch.no_grad():
-            delta = (delta + step_size * grad.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
-
-
-def evaluate_pgd(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float = 8 / 255,
-    steps: int = 10,
-    step_size: float | None = None,
-    batch_size: int = 100,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Clean and PGD-``steps`` accuracy (step ``eps/4`` by default, random start), in [0, 1]."""
-    step_size = eps / 4 if step_size is None else step_size
-    generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    clean = robust = 0
-    try:
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i: i + batch_size], y[i: i + batch_size]
-            with torch.no_grad():
-                clean += int((model(xb).argmax(1) == yb).sum())
-            adv = pgd(model, xb, yb, eps=eps, steps=steps, step_size=step_size, generator=generator)
-            with torch.no_grad():
-                robust += int((model(adv).argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
-    return {"clean_acc": clean / len(x), "pgd_acc": robust / len(x), "n": len(x), "steps": steps, "eps": eps}
 
 
 # ------------------------------------------------------------------------------------------
