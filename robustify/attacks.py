@@ -18,8 +18,8 @@ straight-through backward everywhere: ``bpda-apgd-ce, bpda-apgd-t, bpda-fab-t, s
 temperature is annealed over :data:`SOFT_BPDA_TEMPERATURES`, each stage starting from the
 previous stage's best point) instead of the identity; ``adaptive``: the MeanSparse paper's attack (PGD on
 cross-entropy minus a penalty on feature changes at the sites MeanSparse blocks; lambda=0 is
-plain PGD); ``pgd``: plain PGD with the same budget (both run :func:`pgd`, adversarial training's attack too); ``transfer``: APGD-CE crafted on the
-undefended base model, evaluated on the defended one.
+plain PGD); ``pgd``: plain PGD with the same budget (both run :func:`pgd`, adversarial training's
+attack too); ``transfer``: APGD-CE crafted on the undefended base model, evaluated on the defended one.
 """
 
 from __future__ import annotations
