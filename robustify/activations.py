@@ -335,8 +335,8 @@ def swap_options(args: Any, frozen: bool) -> dict[str, Any]:
     """Swap-config options from the ``train``/``inspect`` flags."""
     options = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude),
                "replace": tuple(args.replace or ("ReLU",))}
-    if getattr(args, "per_site", None) is not None:
-        options["shared"] = not args.per_site
+    if getattr(args, "per_site", False):  # else the config's own default
+        options["shared"] = False
     return options
 
 

@@ -124,3 +124,19 @@ def test_the_registry_drives_the_cli_choices_and_inspect(capsys) -> None:
     assert [s["activation"] for s in plan["sites"]] == ["ReLU", "ReLU"]
     assert main(["inspect", "tinynets:tiny_cnn", "--defense", "smoothrelu", "--exclude", "act1"]) == 0
     assert "smoothrelu: 1 site(s)" in capsys.readouterr().out
+
+
+def test_cli_trains_smoothrelu_and_the_file_loads(tmp_path: Path, capsys) -> None:
+    npz = tmp_path / "d.npz"
+    g = np.random.default_rng(1)
+    np.savez(npz, x_train=g.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), y_train=g.integers(0, 10, 4),
+             x_test=g.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), y_test=g.integers(0, 10, 4))
+    out = tmp_path / "s.safetensors"
+    assert main(["train", "--defense", "smoothrelu", "tinynets:tiny_cnn", "--data", str(npz), "--epochs", "1",
+                 "--attack-steps", "1", "--step-size", "10/255", "--batch-size", "4", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["defense"] == "smoothrelu"
+    side = json.loads((tmp_path / "s.safetensors.json").read_text())
+    assert side["defense"] == "smoothrelu" and side["config"]["shared"] is False and "backbone" not in side
+    loaded = load_defense(tiny_cnn(), out, EXAMPLE)
+    assert sum(isinstance(m, SmoothReLU) for m in loaded.modules()) == 2
