@@ -6,9 +6,11 @@ The data flows one way: :func:`load_model` -> :func:`insert_meansparse` ->
 
 from ._version import __version__
 from .activations import ActivationConfig, swap_activations
+from .smoothrelu import SmoothReLU, SmoothReLUConfig
 from .attacks import AttackConfig
 from .calibrate import calibrate, calibrating
 from .config import MeanSparseConfig, parse_eps
+from .defenses import DefenseHandler, apply_defense, register_defense, remove_defense
 from .data import DataError, load_data, loader, to_tensors
 from . import evaluate  # the engine module, callable: rb.evaluate(model, x, y, config) runs evaluate.evaluate
 from .insert import (
@@ -39,6 +41,12 @@ from .state import StateMismatchError, load_calibration, save_calibration
 from .train import TrainConfig, load_defense, save_defense, train_defense
 
 __all__ = [
+    "DefenseHandler",
+    "SmoothReLU",
+    "SmoothReLUConfig",
+    "apply_defense",
+    "register_defense",
+    "remove_defense",
     "ActivationConfig",
     "AttackConfig",
     "EvalResult",

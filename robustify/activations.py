@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SerializableConfig
+from .defenses import DefenseHandler, record_config, register_defense
 from .errors import InsertionError, StateMismatchError
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
-from .sparta import read_defense_file, write_defense_file
+from .sparta import read_defense_file, read_sidecar, write_defense_file
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,10 @@ class ActivationConfig(SerializableConfig):
     def parametric(self) -> bool:
         return self.name in PARAMETRIC
 
+    def make(self) -> nn.Module:
+        """A fresh activation module (the swap machinery calls this on any swap config)."""
+        return make_activation(self)
+
 
 def make_activation(config: ActivationConfig) -> nn.Module:
     """A fresh activation module as ``config`` describes."""
@@ -196,15 +201,15 @@ def plan_swap(
     return prepared, chosen
 
 
-def _install(prepared: nn.Module, names: Sequence[str], config: ActivationConfig, device: torch.device) -> None:
-    first = make_activation(config).to(device)
+def _install(prepared: nn.Module, names: Sequence[str], config: Any, device: torch.device) -> None:
+    first = config.make().to(device)
     for i, name in enumerate(names):
         if i == 0 or not config.parametric:
-            module = first if i == 0 else make_activation(config)
+            module = first if i == 0 else config.make()
         elif config.shared:
-            module = first.shared_copy()  # type: ignore[union-attr]
+            module = first.shared_copy()
         else:
-            module = make_activation(config).to(device)
+            module = config.make().to(device)
         set_submodule(prepared, name, module)
 
 
@@ -214,7 +219,9 @@ def swap_activations(
     """Replace the selected activations by ``config.name``; returns the model to use.
 
     The returned model carries ``robustify_swap`` (a plain attribute: the config and the
-    site list), which :func:`save_activations` writes to the sidecar.
+    site list), which :func:`save_activations` writes to the sidecar. ``config`` may be any
+    swap config: fields ``name``, ``replace``, ``include``, ``exclude``, ``shared``, a
+    ``parametric`` property and a ``make()`` method (as :class:`ActivationConfig`).
     """
     config = config or ActivationConfig()
     if getattr(model, "robustify_swap", None) is not None:
@@ -223,6 +230,7 @@ def swap_activations(
     device = next((p.device for p in prepared.parameters()), example.device)
     _install(prepared, [s.name for s in sites], config, device)
     prepared.robustify_swap = {"config": config, "sites": sites}
+    record_config(prepared, config)
     logger.info("swapped %d activation(s) to %s%s", len(sites), config.name,
                 " (one shared parameter set)" if config.parametric and config.shared else "")
     return prepared
@@ -261,12 +269,15 @@ def save_activations(
     return Path(path)
 
 
-def load_activations(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
-    """Re-apply the swap saved in ``path`` to a fresh ``model`` with its trained parameters."""
+def load_activations(
+    model: nn.Module, path: str | Path, example: torch.Tensor, config_type: type = ActivationConfig
+) -> nn.Module:
+    """Re-apply the swap saved in ``path`` to a fresh ``model`` with its trained parameters
+    (``config_type``: the swap config class the file was saved with)."""
     tensors, meta = read_defense_file(path)
     if meta.get("kind") != "activation":
         raise StateMismatchError(f"{str(path)!r} holds a {meta.get('kind')!r} defense, not an activation swap")
-    config = ActivationConfig.from_dict(meta["config"])
+    config = config_type.from_dict(meta["config"])
     prepared = modularize(model)
     by_name = {s.name: s for s in plan_sites(prepared, example)}
     saved = meta["sites"]
@@ -284,13 +295,14 @@ def load_activations(model: nn.Module, path: str | Path, example: torch.Tensor) 
     if config.parametric:
         _load_parameters(prepared, saved, tensors, config, path)
     prepared.robustify_swap = {"config": config, "sites": [by_name[e["name"]] for e in saved]}
+    record_config(prepared, config)
     logger.info("loaded %s swap from %s (%d site(s))", config.name, path, len(saved))
     return prepared
 
 
 def _load_parameters(
     prepared: nn.Module, saved: list[dict[str, Any]], tensors: dict[str, torch.Tensor],
-    config: ActivationConfig, path: str | Path,
+    config: Any, path: str | Path,
 ) -> None:
     with torch.no_grad():
         for entry in saved:
@@ -305,3 +317,59 @@ def _load_parameters(
                 if value.shape != param.shape:
                     raise StateMismatchError(f"{str(path)!r}: {key!r} has shape {list(value.shape)}, expected {list(param.shape)}")
                 param.copy_(value)
+
+
+# ------------------------------------------------------------------------------------------
+# activation swaps in the defense registry
+# ------------------------------------------------------------------------------------------
+def swapped_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The swapped-in activations by site name (parametric ones, shared copies included)."""
+    modules: dict[str, nn.Module] = dict(parametric_modules(model))
+    record = getattr(model, "robustify_swap", None)
+    for site in (record or {}).get("sites", ()):
+        modules.setdefault(site.name, model.get_submodule(site.name))
+    return modules
+
+
+def swap_options(args: Any, frozen: bool) -> dict[str, Any]:
+    """Swap-config options from the ``train``/``inspect`` flags."""
+    options = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude),
+               "replace": tuple(args.replace or ("ReLU",))}
+    if getattr(args, "per_site", False):  # else the config's own default
+        options["shared"] = False
+    return options
+
+
+def _save_swap(model: nn.Module, path: str | Path, config: Any, **kwargs: Any) -> Path:
+    return save_activations(model, path, **kwargs)
+
+
+def swap_handler(
+    names: tuple[str, ...], config_type: type, *, learnable: frozenset[str] = frozenset(),
+    make_config: Any = None,
+) -> DefenseHandler:
+    """The registry handler of an activation swap whose configs are ``config_type``
+    (``make_config(name, **options)``; default: ``config_type(name=name, **options)``)."""
+    def reads(path: str | Path) -> str | None:
+        meta = read_sidecar(path)
+        return str(meta["defense"]) if meta.get("kind") == "activation" and meta.get("defense") in names else None
+
+    return DefenseHandler(
+        names=names,
+        config_type=config_type,
+        make_config=make_config or (lambda name, **options: config_type(name=name, **options)),
+        name_of=lambda config: config.name,
+        plan=lambda model, example, config: plan_swap(model, example, config)[1],
+        apply=swap_activations,
+        remove=None,
+        save=_save_swap,
+        load=lambda model, path, example: load_activations(model, path, example, config_type),
+        reads=reads,
+        modules=swapped_modules,
+        cli_options=swap_options,
+        learnable=learnable,
+    )
+
+
+register_defense(swap_handler(("pssilu", "psilu", "psoftplus", "silu", "softplus", "gelu", "elu"), ActivationConfig,
+                              learnable=frozenset(PARAMETRIC)))

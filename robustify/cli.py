@@ -35,14 +35,24 @@ __all__ = ["main", "register_command"]
 # commands
 # ------------------------------------------------------------------------------------------
 def _inspect_args(p: argparse.ArgumentParser) -> None:
+    from .defenses import defense_names
+
     add_model_args(p)
     add_meansparse_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--defense", default="meansparse", choices=defense_names(),
+                   help="show the plan of this defense (any registered one; default MeanSparse)")
+    g = p.add_argument_group("Sparta / activation-swap placement")
+    g.add_argument("--sparta-preset", default="paper", choices=["paper", "blocks", "all"])
+    g.add_argument("--site", action="append", default=None, dest="sites")
+    g.add_argument("--replace", action="append", default=None)
 
 
 @register_command("inspect", "print the insertion plan (sites, activation, channel axis, channels); builds the "
                   "architecture only, never downloads weights", _inspect_args)
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    if args.defense != "meansparse":
+        return _inspect_defense(args)
     from .insert import plan
 
     model, info = load_model_from_args(args, download=False)
@@ -54,6 +64,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for s in sites:
             where = s.activation if s.position == "input" else f"out:{s.activation}"
             print(f"  {s.name:40s} {where:10s} dim={s.channel_dim:<3d} C={s.channels}")
+    return 0
+
+
+def _inspect_defense(args: argparse.Namespace) -> int:
+    """``inspect --defense NAME``: the registry builds the config and plans it."""
+    from .defenses import defense_config, get_defense, plan_defense
+
+    handler = get_defense(args.defense)
+    model, info = load_model_from_args(args, download=False)
+    options = handler.cli_options(args, False) if handler.cli_options else {}
+    sites = plan_defense(model, info.example_input(device=args.device), defense_config(args.defense, **options))
+    if args.json:
+        print(json.dumps({"model": info.to_dict(), "defense": args.defense, "sites": [s.to_dict() for s in sites]},
+                         indent=2))
+    else:
+        print(f"{args.defense}: {len(sites)} site(s) in {info.spec}:")
+        for s in sites:
+            print(f"  {s.name:40s} {s.activation:10s} dim={s.channel_dim:<3d} C={s.channels}")
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .cli_common import (CALIB_BATCH_HELP, add_meansparse_args, add_model_args, add_workers_arg, meansparse_config,
                          register_command)
+from .defenses import defense_names
 
 logger = logging.getLogger("robustify")
 
@@ -55,7 +56,7 @@ def attack_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _add_job_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     add_model_args(p)
     p.add_argument("--defense", default="meansparse" if sweep else "none",
-                   help="none, meansparse, sparta, sparta-nodp, pssilu, psilu, psoftplus, silu, softplus, gelu, elu")
+                   help=", ".join(("none", *defense_names())))
     p.add_argument("--defense-weights", default=None,
                    help="MeanSparse calibration file, or trained defense parameters from `robustify train` "
                         "(a --weights file with a robustify sidecar is taken as this too)")

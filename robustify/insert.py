@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import MeanSparseConfig
+from .defenses import CONFIG_ATTR, record_config
 from .errors import InsertionError
 from .meansparse import MeanSparse, MeanSparseReLU, meansparse_modules
 from .sites import ACTIVATION_CLASS_NAMES, Site, modularize, plan_output_sites, plan_sites, select_sites
@@ -210,7 +211,7 @@ def insert_meansparse(
         device = next((t.device for t in [*host.parameters(), *host.buffers()]), example.device)
         (_attach_output if site.position == "output" else _attach)(host, module.to(device))
     logger.info("inserted MeanSparse at %d site(s) of %s", len(sites), type(model).__name__)
-    return prepared
+    return record_config(prepared, config)
 
 
 def remove_meansparse(model: nn.Module) -> nn.Module:
@@ -223,6 +224,8 @@ def remove_meansparse(model: nn.Module) -> nn.Module:
                 child = hooks.pop(key).args[0]
                 if child in module._modules:
                     del module._modules[child]
+    if isinstance(getattr(model, CONFIG_ATTR, None), MeanSparseConfig):
+        delattr(model, CONFIG_ATTR)
     return model
 
 

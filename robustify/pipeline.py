@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from . import distributed
+from . import defenses, distributed
 from .attacks import AttackConfig, threat_norm
 from .calibrate import calibrate
 from .config import MeanSparseConfig
@@ -35,8 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EvaluationJob", "SweepResult", "build_defended_model", "run_evaluation", "sweep_alpha"]
 
-DEFENSES = ("none", "meansparse", "sparta", "sparta-nodp", "pssilu", "psilu", "psoftplus", "silu", "softplus",
-            "gelu", "elu")
+DEFENSES = ("none", *defenses.defense_names())  # as registered at import; jobs check the registry itself
 CALIBRATION_FILE = "calibration.safetensors"
 
 
@@ -69,8 +68,8 @@ class EvaluationJob:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.defense not in DEFENSES:
-            raise ValueError(f"unknown defense {self.defense!r}; choose from {list(DEFENSES)}")
+        if self.defense != "none" and self.defense not in defenses.defense_names():
+            raise ValueError(f"unknown defense {self.defense!r}; choose from {['none', *defenses.defense_names()]}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
         if self.n_examples < 1:
@@ -182,7 +181,7 @@ def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.M
                              pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
     if job.defense == "none":
         return model, info, None
-    if job.defense == "meansparse":
+    if not defenses.get_defense(job.defense).trainable:  # MeanSparse: calibrated here (or loaded)
         return _meansparse(job, model, info), info, None
     if defense_weights is None:
         raise ValueError(f"--defense {job.defense} needs its trained parameters: --defense-weights FILE "
@@ -234,10 +233,16 @@ def _attacked(job: EvaluationJob, model: nn.Module) -> nn.Module:
     return for_evaluation(model, compile=job.compile, precision=job.precision, device=job.device)
 
 
+def _has_nondifferentiable(model: nn.Module) -> bool:
+    """True when the model holds modules of a defense BPDA applies to (MeanSparse, also a published one)."""
+    handlers = dict.fromkeys(defenses.get_defense(n) for n in defenses.defense_names())
+    return any(h.modules(model) for h in handlers if not h.differentiable)
+
+
 def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[AttackConfig, dict[str, str]]:
     """Drop attacks that cannot differ from others on this model, saying why."""
     skipped: dict[str, str] = {}
-    has_ms = bool(meansparse_modules(model))
+    has_ms = _has_nondifferentiable(model)
     keep = []
     for attack in config.attacks:
         if (attack.startswith("bpda-") or attack == "soft-bpda") and not has_ms:

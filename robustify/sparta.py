@@ -51,6 +51,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import SerializableConfig
+from .defenses import DefenseHandler, record_config, register_defense
 from .errors import InsertionError, StateMismatchError
 from .io import atomic_path, write_json
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
@@ -381,7 +382,7 @@ def insert_sparta(
         "inserted Sparta (%s, N=%d) at %d site(s): %s",
         config.variant, config.neighborhood, len(sites), ", ".join(f"{s.name} (C={s.channels})" for s in sites),
     )
-    return prepared
+    return record_config(prepared, config)
 
 
 # ------------------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ def save_sparta(
     tensors = {f"{site}.{k}": v for site, m in modules.items() for k, v in m.state_dict().items()}
     sidecar = {
         "kind": "sparta",
-        "defense": "sparta" if config.variant == "sparta" else "sparta-nodp",
+        "defense": _name_of(config),
         "config": config.to_dict(),
         "model": model_info or {},
         "sites": [{"name": site, "channels": m.channels, "channel_dim": 1} for site, m in modules.items()],
@@ -533,4 +534,56 @@ def load_sparta(
         module.requires_grad_(not freeze)
         set_submodule(prepared, site.name, module.to(device))
     logger.info("loaded Sparta from %s into %d site(s)%s", path, len(targets), " (frozen)" if freeze else "")
-    return prepared
+    return record_config(prepared, config)
+
+
+# ------------------------------------------------------------------------------------------
+# the Sparta defense in the registry
+# ------------------------------------------------------------------------------------------
+def _name_of(config: SpartaConfig) -> str:
+    return "sparta" if config.variant == "sparta" else "sparta-nodp"
+
+
+def _make_config(name: str, **options: Any) -> SpartaConfig:
+    return SpartaConfig(variant="sparta" if name == "sparta" else "nodp", **options)
+
+
+def _cli_options(args: Any, frozen: bool) -> dict[str, Any]:
+    """Config options from the ``train``/``inspect`` flags (flags a command lacks keep the defaults)."""
+    options = {
+        "include": tuple(args.include or ("*",)),
+        "exclude": tuple(args.exclude),
+        "preset": args.sparta_preset,
+        "sites": tuple(args.sites or ()),
+        "init": getattr(args, "init", None) or ("identity" if frozen else "paper"),
+    }
+    for name in ("neighborhood", "hidden_ratio", "init_logit"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def _save(model: nn.Module, path: str | Path, config: SpartaConfig, **kwargs: Any) -> Path:
+    return save_sparta(model, path, config=config, **kwargs)
+
+
+def _reads(path: str | Path) -> str | None:
+    meta = read_sidecar(path)
+    return str(meta["defense"]) if meta.get("kind") == "sparta" else None
+
+
+register_defense(DefenseHandler(
+    names=("sparta", "sparta-nodp"),
+    config_type=SpartaConfig,
+    make_config=_make_config,
+    name_of=_name_of,
+    plan=lambda model, example, config: plan_sparta(model, example, config)[1],
+    apply=insert_sparta,
+    remove=None,
+    save=_save,
+    load=lambda model, path, example: load_sparta(model, path, example, mapping="name"),
+    reads=_reads,
+    modules=lambda model: dict(sparta_modules(model)),
+    cli_options=_cli_options,
+    learnable=frozenset({"sparta", "sparta-nodp"}),
+))

@@ -20,8 +20,9 @@ from torch import nn
 
 from ._version import __version__
 from .config import MeanSparseConfig
+from .defenses import DefenseHandler, register_defense
 from .errors import InsertionError, StateMismatchError
-from .insert import insert_meansparse, remove_meansparse
+from .insert import insert_meansparse, plan, remove_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules
 
@@ -267,3 +268,30 @@ def load_calibration(
         raise
     logger.info("loaded %d MeanSparse site(s) from %s", len(meansparse_modules(prepared)), path)
     return prepared
+
+
+# ------------------------------------------------------------------------------------------
+# the MeanSparse defense in the registry
+# ------------------------------------------------------------------------------------------
+def _save_meansparse(
+    model: nn.Module, path: str | Path, config: MeanSparseConfig, *,
+    model_info: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+) -> Path:
+    return save_calibration(model, path, config=config, model_info=model_info, extra=extra)
+
+
+register_defense(DefenseHandler(
+    names=("meansparse",),
+    config_type=MeanSparseConfig,
+    make_config=lambda name, **options: MeanSparseConfig(**options),
+    name_of=lambda config: "meansparse",
+    plan=lambda model, example, config: plan(model, example, config)[1],
+    apply=insert_meansparse,
+    remove=remove_meansparse,
+    save=_save_meansparse,
+    load=load_calibration,
+    reads=lambda path: "meansparse" if is_calibration_file(path) else None,
+    modules=lambda model: dict(meansparse_modules(model)),
+    differentiable=False,
+    trainable=False,
+))

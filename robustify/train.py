@@ -29,6 +29,7 @@ sidecar) so that the file reproduces the trained model.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -43,12 +44,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from .activations import ActivationConfig, ParametricActivation, PSSiLU, load_activations, save_activations, swap_activations
+from . import defenses
+from .activations import PSSiLU
 from .attacks import evaluate_pgd, pgd  # the one PGD (training's attack), re-exported here
+from .errors import StateMismatchError
 from .io import atomic_path
-from .sparta import SpartaConfig, insert_sparta, load_sparta, read_sidecar, save_sparta, sparta_modules
-from .config import MeanSparseConfig
-from .state import StateMismatchError, is_calibration_file, load_calibration, save_calibration
+from .state import sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ __all__ = [
     "train_defense",
 ]
 
-DEFENSES: tuple[str, ...] = ("sparta", "sparta-nodp", "pssilu", "psilu", "psoftplus", "silu", "softplus", "gelu", "elu")
+DEFENSES: tuple[str, ...] = defenses.defense_names(trainable=True)  # those registered when robustify is imported
 SCHEDULES = ("step", "cosine", "constant")
 CHECKPOINT_FORMAT = "robustify-train-checkpoint"
 
@@ -160,35 +161,22 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------
 # defenses: build, find parameters, save, load
 # ------------------------------------------------------------------------------------------
-def defense_config(name: str, **options: Any) -> SpartaConfig | ActivationConfig:
-    """The config of defense ``name`` (one of :data:`DEFENSES`) with config-field ``options``."""
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; choose from {list(DEFENSES)}")
-    if name.startswith("sparta"):
-        return SpartaConfig(variant="sparta" if name == "sparta" else "nodp", **options)
-    return ActivationConfig(name=name, **options)
+def defense_config(name: str, **options: Any) -> Any:
+    """The config of trainable defense ``name`` (one of :data:`DEFENSES`) with config-field ``options``."""
+    if name not in defenses.defense_names(trainable=True):
+        raise ValueError(f"unknown defense {name!r}; choose from {list(defenses.defense_names(trainable=True))}")
+    return defenses.defense_config(name, **options)
 
 
-def apply_defense(
-    model: nn.Module, example: torch.Tensor, config: SpartaConfig | ActivationConfig
-) -> nn.Module:
-    """Insert Sparta or swap activations as ``config`` says; returns the model to use."""
-    if isinstance(config, SpartaConfig):
-        out = insert_sparta(model, example, config)
-    else:
-        out = swap_activations(model, example, config)
-    return out.train(model.training)
+def apply_defense(model: nn.Module, example: torch.Tensor, config: Any) -> nn.Module:
+    """Apply the defense ``config`` describes (:func:`robustify.apply_defense`); returns the model to use."""
+    return defenses.apply_defense(model, example, config)
 
 
 def _defense_modules(model: nn.Module) -> dict[str, nn.Module]:
-    modules: dict[str, nn.Module] = dict(sparta_modules(model))
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, ParametricActivation):
-            modules[name] = m
-    record = getattr(model, "robustify_swap", None)
-    if record is not None:
-        for site in record["sites"]:
-            modules.setdefault(site.name, model.get_submodule(site.name))
+    modules: dict[str, nn.Module] = {}
+    for handler in dict.fromkeys(defenses.get_defense(n) for n in defenses.defense_names(trainable=True)):
+        modules.update(handler.modules(model))
     return modules
 
 
@@ -221,22 +209,26 @@ def backbone_path(path: str | Path) -> Path:
 def save_defense(
     model: nn.Module,
     path: str | Path,
-    config: SpartaConfig | ActivationConfig | MeanSparseConfig,
+    config: Any = None,
     *,
     model_info: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     backbone: bool = False,
 ) -> Path:
-    """Save the defense of ``model`` (only its parameters) + sidecar; ``backbone=True`` also
+    """Save the defense of ``model`` (only its state) + sidecar; ``backbone=True`` also
     writes the other weights to ``<path>.backbone.safetensors`` (after joint training).
 
-    With a :class:`~robustify.MeanSparseConfig` it saves the calibration
-    (:func:`robustify.save_calibration`), which :func:`load_defense` loads back."""
-    if isinstance(config, MeanSparseConfig):
+    ``config``: the defense's config, by default the one recorded on the model when it was
+    applied. A MeanSparse calibration (:func:`robustify.save_calibration`) is saved too, and
+    :func:`load_defense` loads it back."""
+    config = defenses.applied_config(model) if config is None else config
+    handler = defenses.handler_for_config(config)
+    if not handler.trainable:
         if backbone:
-            raise ValueError("MeanSparse trains nothing: save_defense(..., backbone=True) does not apply to it")
-        return save_calibration(model, path, config=config, model_info=model_info,
-                                extra={"training": training} if training else None)
+            raise ValueError(f"{handler.name_of(config)} trains nothing: save_defense(..., backbone=True) "
+                             "does not apply to it")
+        return defenses.save_defense_state(model, path, config, model_info=model_info,
+                                           extra={"training": training} if training else None)
     extra: dict[str, Any] = {"training": training or {}}
     if backbone:
         bpath = backbone_path(path)
@@ -244,33 +236,24 @@ def save_defense(
         with atomic_path(bpath) as tmp:
             save_file(state, str(tmp), metadata={"format": "robustify-backbone"})
         extra["backbone"] = bpath.name
-    if isinstance(config, SpartaConfig):
-        return save_sparta(model, path, config=config, model_info=model_info, extra=extra)
-    return save_activations(model, path, model_info=model_info, extra=extra)
+    return defenses.save_defense_state(model, path, config, model_info=model_info, extra=extra)
 
 
 def defense_kind(path: str | Path) -> str:
-    """The defense saved in ``path``: one of :data:`DEFENSES` (``"sparta"``, ``"pssilu"``...)."""
-    return str(read_sidecar(path)["defense"])
+    """The defense saved in ``path``: a registered name (``"sparta"``, ``"pssilu"``, ``"meansparse"``...)."""
+    return defenses.file_defense(path)[0]
 
 
 def load_defense(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
-    """Re-apply the defense saved in ``path`` (Sparta or activation swap) with its trained
-    parameters, and the backbone weights if it was trained jointly. Returns the model to use
-    (in the train/eval mode of ``model``). A MeanSparse calibration file is loaded with
-    :func:`robustify.load_calibration`."""
-    if is_calibration_file(path):
-        return load_calibration(model, path, example).train(model.training)
-    meta = read_sidecar(path)
-    kind = meta.get("kind")
-    if kind == "sparta":
-        out = load_sparta(model, path, example, mapping="name")
-    elif kind == "activation":
-        out = load_activations(model, path, example)
-    else:
-        raise StateMismatchError(f"{str(path)!r} holds an unknown defense kind {kind!r}")
-    if meta.get("backbone"):
-        _load_backbone(out, Path(path).with_name(meta["backbone"]))
+    """Re-apply the defense saved in ``path`` with its saved state, and the backbone weights
+    if it was trained jointly. Returns the model to use (in the train/eval mode of ``model``),
+    with the defense's config recorded on it."""
+    name, handler = defenses.file_defense(path)
+    out = defenses.load_defense_state(model, path, example)
+    if handler.trainable:
+        meta = json.loads(sidecar_path(path).read_text())
+        if meta.get("backbone"):
+            _load_backbone(out, Path(path).with_name(meta["backbone"]))
     return out.train(model.training)
 
 

@@ -1,7 +1,5 @@
-"""``robustify train``: insert Sparta or swap activations, train adversarially, save the defense.
-
-Also extends ``robustify inspect`` with ``--defense`` so that it shows the Sparta or
-activation-swap plan instead of the MeanSparse one.
+"""``robustify train``: apply a trainable defense (Sparta, an activation swap...), train
+adversarially, save the defense. The choices and configs come from the defense registry.
 """
 
 from __future__ import annotations
@@ -11,14 +9,15 @@ import json
 import logging
 from typing import Any
 
-from .cli_common import COMMANDS, add_data_args, add_model_args, load_model_from_args, register_command
+from .cli_common import add_data_args, add_model_args, load_model_from_args, register_command
 from .config import parse_eps
+from .defenses import defense_names, get_defense
 
 logger = logging.getLogger("robustify")
 
 __all__: list[str] = []
 
-_DEFENSES = ("sparta", "sparta-nodp", "pssilu", "psilu", "psoftplus", "silu", "softplus", "gelu", "elu")
+_DEFENSES = defense_names(trainable=True)  # as registered at import (the parser reads the registry)
 
 
 def _add_defense_args(p: argparse.ArgumentParser) -> None:
@@ -42,22 +41,13 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
 
 
 def _defense_options(args: argparse.Namespace, frozen: bool) -> dict[str, Any]:
-    common = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude)}
-    if args.defense.startswith("sparta"):
-        return {
-            **common,
-            "preset": args.sparta_preset,
-            "sites": tuple(args.sites or ()),
-            "neighborhood": args.neighborhood,
-            "hidden_ratio": args.hidden_ratio,
-            "init": args.init or ("identity" if frozen else "paper"),
-            "init_logit": args.init_logit,
-        }
-    return {**common, "replace": tuple(args.replace or ("ReLU",)), "shared": not args.per_site}
+    handler = get_defense(args.defense)
+    return handler.cli_options(args, frozen) if handler.cli_options else {}
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--defense", required=True, choices=_DEFENSES, help="what to insert or swap in")
+    p.add_argument("--defense", required=True, choices=defense_names(trainable=True),
+                   help="what to insert or swap in")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--n-train", type=int, default=None, help="train on the first N training examples only")
@@ -97,7 +87,7 @@ def _frozen_default(args: argparse.Namespace) -> bool:
         return bool(args.freeze_backbone)
     if args.transfer:
         return False
-    return args.defense.startswith("sparta") or args.defense in ("pssilu", "psilu", "psoftplus")
+    return args.defense in get_defense(args.defense).learnable
 
 
 @register_command("train", "insert Sparta or swap activations, train adversarially, save the defense", _train_args)
@@ -145,64 +135,3 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary.update(evaluate_pgd(model, xt.to(args.device), yt.to(args.device), eps=config.eps, steps=10))
     print(json.dumps(summary))
     return 0
-
-
-# ------------------------------------------------------------------------------------------
-# robustify inspect --defense sparta|pssilu|...
-# ------------------------------------------------------------------------------------------
-def _extend_inspect() -> None:
-    if "inspect" not in COMMANDS:
-        return
-    help_text, add_arguments, run = COMMANDS["inspect"]
-    if getattr(run, "_robustify_defense_aware", False):
-        return
-
-    def add(p: argparse.ArgumentParser) -> None:
-        add_arguments(p)
-        if any("--defense" in a.option_strings for a in p._actions):
-            return
-        p.add_argument("--defense", default="meansparse", choices=("meansparse", *_DEFENSES),
-                       help="show the plan of this defense (Sparta placement or activation swap)")
-        for action in ("--sparta-preset", "--site", "--neighborhood", "--replace"):
-            if any(action in a.option_strings for a in p._actions):
-                return
-        g = p.add_argument_group("Sparta / activation-swap placement")
-        g.add_argument("--sparta-preset", default="paper", choices=["paper", "blocks", "all"])
-        g.add_argument("--site", action="append", default=None, dest="sites")
-        g.add_argument("--replace", action="append", default=None)
-
-    def inspect(args: argparse.Namespace) -> int:
-        defense = getattr(args, "defense", "meansparse")
-        if defense == "meansparse":
-            return run(args)
-        return _inspect_defense(args)
-
-    inspect._robustify_defense_aware = True  # type: ignore[attr-defined]
-    COMMANDS["inspect"] = (help_text, add, inspect)
-
-
-def _inspect_defense(args: argparse.Namespace) -> int:
-    from .activations import plan_swap
-    from .sparta import plan_sparta
-    from .train import defense_config
-
-    model, info = load_model_from_args(args, download=False)
-    example = info.example_input(device=args.device)
-    common = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude)}
-    if args.defense.startswith("sparta"):
-        config = defense_config(args.defense, preset=args.sparta_preset, sites=tuple(args.sites or ()), **common)
-        _, sites = plan_sparta(model, example, config)  # type: ignore[arg-type]
-    else:
-        config = defense_config(args.defense, replace=tuple(args.replace or ("ReLU",)), **common)
-        _, sites = plan_swap(model, example, config)  # type: ignore[arg-type]
-    if args.json:
-        print(json.dumps({"model": info.to_dict(), "defense": args.defense, "sites": [s.to_dict() for s in sites]},
-                         indent=2))
-    else:
-        print(f"{args.defense}: {len(sites)} site(s) in {info.spec}:")
-        for s in sites:
-            print(f"  {s.name:40s} {s.activation:10s} dim={s.channel_dim:<3d} C={s.channels}")
-    return 0
-
-
-_extend_inspect()
