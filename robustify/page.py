@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FLAG_EXPLANATIONS", "render_page", "to_latex", "write_latex", "write_page"]
 
-#: What each flag of a leaderboard row means (flags come from ``robustify.results.audit`` and
-#: the cross-row checks of ``robustify.leaderboard``).
+#: What each flag of a leaderboard row means (flags come from ``robustify.results.audit``, the
+#: cross-row checks of ``robustify.leaderboard`` and the sanity suite of ``robustify.audit``).
 FLAG_EXPLANATIONS: dict[str, str] = {
     "black-box-beats-white-box": "Square or the transfer attack broke examples every white-box attack left robust "
                                  "(more than 0.2 points): the gradients are probably masked.",
@@ -37,6 +37,15 @@ FLAG_EXPLANATIONS: dict[str, str] = {
     "autoattack-checks": "One of AutoAttack's own gradient-masking checks fired (see aa_checks in result.json).",
     "robust-acc-rises-with-eps": "Robust accuracy rises with a larger eps for the same model and defense "
                                  "(more than 0.2 points): a sign of gradient masking or a too weak attack.",
+    # the sanity suite (robustify.audit: `robustify audit`, `evaluate --audit`); thresholds in its AuditConfig
+    "fails-unbounded": "APGD at an eps covering the whole image space left accuracy above chance: the attack "
+                       "cannot reach the decision boundary, so its robust accuracy means little.",
+    "not-converged": "Rerunning the strongest white-box attack with twice the iterations and more restarts broke "
+                     "more examples than the stated tolerance: the reported robust accuracy is too high.",
+    "masked-gradients": "At some thresholding site (MeanSparse) more than the stated share of units sit in the "
+                        "zero-gradient band: plain gradients are masked, trust only the BPDA and adaptive columns.",
+    "noise-beats-white-box": "Random points in the eps ball broke examples every white-box attack left robust: the "
+                             "white-box attacks are not working on this model.",
 }
 UNKNOWN_FLAG = "no explanation recorded for this flag"
 
