@@ -291,14 +291,11 @@ def audit_result_file(out_dir: str | Path, model: nn.Module, x: torch.Tensor, y:
 def audit_job(job: Any, audit: AuditConfig | None = None) -> dict[str, Any]:
     """Audit the evaluation of a :class:`robustify.pipeline.EvaluationJob` whose ``result.json`` is in
     ``job.out``: the same model, defense and examples, eager and in float32."""
-    from .data import load_data, to_tensors
-    from .pipeline import build_defended_model
+    from .pipeline import build_defended_model, load_examples
 
     path = Path(job.out) / RESULT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {RESULT_FILE} in {job.out}: run `robustify evaluate` with the same --out first")
-    model, _, _ = build_defended_model(job)
-    data = load_data(job.data, job.split, n=job.n_examples, holdout=job.holdout if job.split == "holdout" else 0,
-                     cache_dir=job.cache_dir)
-    x, y = to_tensors(data)
+    model, info, _ = build_defended_model(job)
+    x, y = load_examples(job, info)
     return audit_result_file(job.out, model, x, y, audit, device=job.device)

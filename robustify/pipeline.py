@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from . import defenses, distributed
@@ -257,12 +258,17 @@ def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[A
     return replace(config, attacks=tuple(keep)), skipped
 
 
+def load_examples(job: EvaluationJob, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job's examples as tensors, in the model's preprocessing: what the evaluation (and its audit) attacks."""
+    data = load_model_data(job.data, job.split, info, n=job.n_examples,
+                           holdout=job.holdout if job.split == "holdout" else 0, cache_dir=job.cache_dir)
+    return to_tensors(data, workers=job.workers)
+
+
 def run_evaluation(job: EvaluationJob) -> EvalResult:
     """Load, defend, calibrate (or load statistics), evaluate, and rebuild the leaderboard."""
     model, info, source = build_defended_model(job)
-    data = load_model_data(job.data, job.split, info, n=job.n_examples,
-                           holdout=job.holdout if job.split == "holdout" else 0, cache_dir=job.cache_dir)
-    x, y = to_tensors(data, workers=job.workers)
+    x, y = load_examples(job, info)
     config, skipped = _applicable(job.attack, model, job.defense)
     meta = _job_meta(job, info, model)
     meta["not_applicable"] = skipped
@@ -330,8 +336,7 @@ def sweep_alpha(job: EvaluationJob, alphas: list[float], max_clean_drop: float =
     grid = sorted(set([0.0, *map(float, alphas)]))
     job = replace(job, defense="meansparse", split="holdout", meansparse=replace(job.meansparse, alpha=grid[0]))
     model, info, _ = build_defended_model(job)
-    data = load_model_data(job.data, "holdout", info, n=job.n_examples, holdout=job.holdout, cache_dir=job.cache_dir)
-    x, y = to_tensors(data, workers=job.workers)
+    x, y = load_examples(job, info)  # job.split is "holdout"
     attacked = _attacked(job, model)
     rows = []
     for alpha in grid:

@@ -176,3 +176,29 @@ def test_strongest_attack_prefers_the_straight_through_ones():
     del per["bpda-apgd-ce"]
     result.attack_acc.pop("bpda-apgd-ce")
     assert _strongest(result) == "apgd-ce"
+
+
+def test_audit_job_audits_the_examples_the_evaluation_saw(tmp_path, monkeypatch):
+    """On image files the audit loads the examples as the evaluation does: in the model's preprocessing
+    (timm's config for a timm model: 160x160 for test_vit), not the default transform (224x224)."""
+    from test_imagenet_data import _folder
+
+    from robustify import audit as audit_module
+    from robustify.attacks import AttackConfig
+    from robustify.pipeline import EvaluationJob
+
+    root = tmp_path / "d"
+    classes = [f"n0{c:07d}" for c in range(3)]
+    _folder(root / "train", classes, 2)
+    _folder(root / "val", classes, 2)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "result.json").write_text("{}")  # audit_job only needs the evaluation to exist; the audit is captured
+    job = EvaluationJob(model="timm:test_vit", pretrained=False, dataset="imagenet", data=f"folder:{root}", n_examples=6,
+                        attack=AttackConfig(attacks=("apgd-ce",), dataset="imagenet"), out=str(out))
+    seen = {}
+    monkeypatch.setattr(audit_module, "audit_result_file",
+                        lambda out_dir, model, x, y, audit=None, device="cpu": seen.update(x=x, y=y) or {})
+    audit_module.audit_job(job)
+    assert tuple(seen["x"].shape) == (6, 3, 160, 160)  # the model's preprocessing, as run_evaluation loads them
+    assert torch.bincount(seen["y"]).tolist() == [2, 2, 2]
