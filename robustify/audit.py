@@ -26,7 +26,6 @@ eps-monotonicity check stay as they are.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -38,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import BLACK_BOX, AttackConfig, _capture_site_inputs, build_attack
-from .evaluate import _attack_batch, _chunks, _predict
+from .evaluate import _attack_batch, _chunks, _parameters_frozen, _predict
 from .io import write_json
 from .meansparse import bpda, meansparse_modules
-from .results import RESULT_FILE, EvalResult, load_result
+from .results import AUDIT_MARGIN, RESULT_FILE, EvalResult, read_result_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +54,11 @@ class AuditConfig:
     unbounded_examples: int = 64
     unbounded_iters: int = 20
     convergence_factor: int = 2
-    convergence_tolerance: float = 0.002  # share of all examples (AutoAttack's 0.2-point margin)
+    convergence_tolerance: float = AUDIT_MARGIN  # share of all examples (AutoAttack's 0.2-point margin)
     census_examples: int = 32
     masked_share: float = 0.10
     noise_draws: int = 20
-    noise_tolerance: float = 0.002
+    noise_tolerance: float = AUDIT_MARGIN
 
     def __post_init__(self) -> None:
         for name in ("unbounded_examples", "unbounded_iters", "convergence_factor", "census_examples", "noise_draws"):
@@ -141,7 +140,7 @@ def check_convergence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result
     cfg = replace(config, attacks=(name,), seed=config.seed + 1, apgd_iters=f * config.apgd_iters,
                   apgd_restarts=max(f * config.apgd_restarts, config.apgd_restarts + 1),
                   apgd_t_iters=f * config.apgd_t_iters, fab_iters=f * config.fab_iters,
-                  square_queries=config.square_queries, adaptive_steps=f * config.adaptive_steps)
+                  adaptive_steps=f * config.adaptive_steps)
     unbroken = _per_example_robust(result, list(result.attack_acc))
     broken, passes = _breaks(model, name, x, y, unbroken, cfg, device) if unbroken else ([], 0)
     share = len(broken) / max(result.n_examples, 1)
@@ -256,19 +255,13 @@ def run_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalRe
     config = AttackConfig.from_dict(result.config)
     model.eval()
     _check_same_model(model, x, y, result, config, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with _parameters_frozen(model):
         checks = {
             "unbounded": check_unbounded(model, x, y, config, audit, device),
             "convergence": check_convergence(model, x, y, result, config, audit, device),
             "census": check_census(model, x, y, config, audit, device),
             "noise": check_noise(model, x, y, result, config, audit, device),
         }
-    finally:
-        for p in params:
-            p.requires_grad_(True)
     flags = [FLAGS[name] for name, check in checks.items() if check.get("flag")]
     for name, check in checks.items():
         logger.info("audit %s: %s", name, {k: v for k, v in check.items() if k != "sites"})
@@ -279,9 +272,8 @@ def audit_result_file(out_dir: str | Path, model: nn.Module, x: torch.Tensor, y:
                       audit: AuditConfig | None = None, *, device: Any = "cpu") -> dict[str, Any]:
     """Audit the evaluation in ``out_dir`` and store the outcome as its ``result.json``'s ``audit``."""
     path = Path(out_dir) / RESULT_FILE
-    result = load_result(path)
-    entry = run_audit(model, x, y, result, audit, device=device)
-    data = json.loads(path.read_text())
+    data = read_result_file(path)
+    entry = run_audit(model, x, y, EvalResult.from_dict(data), audit, device=device)
     data["audit"] = entry
     write_json(path, data)
     logger.info("audit flags: %s (written to %s)", entry["flags"] or "none", path)

@@ -50,14 +50,26 @@ class EvalResult:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def load_result(path: str | Path) -> EvalResult:
-    """Read a ``result.json`` (or the directory holding one)."""
+def read_result_file(path: str | Path) -> dict[str, Any]:
+    """The raw dict of a ``result.json`` (or the directory holding one), all keys kept."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULT_FILE
     try:
-        return EvalResult.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read results file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot read results file {str(path)!r}: not a JSON object")
+    return data
+
+
+def load_result(path: str | Path) -> EvalResult:
+    """Read a ``result.json`` (or the directory holding one)."""
+    data = read_result_file(path)
+    try:
+        return EvalResult.from_dict(data)
+    except TypeError as exc:
         raise ValueError(f"cannot read results file {str(path)!r}: {exc}") from exc
 
 
