@@ -80,10 +80,10 @@ def _standard_acc(result: dict[str, Any]) -> float | None:
     return sum(robust) / max(len(robust), 1)
 
 
-def _autoattack_acc(result: dict[str, Any]) -> float | None:
+def _autoattack_acc(result: dict[str, Any], cfg: AttackConfig) -> float | None:
     """AutoAttack's robust accuracy, only if its standard suite ran at its standard budgets and saw,
     attack after attack, every example the earlier ones of the suite left robust (else None)."""
-    if autoattack_gaps(AttackConfig.from_dict(result["config"])):
+    if autoattack_gaps(cfg):
         return None
     per = result["per_example"]
     robust = [c == 1 for c in per["clean_correct"]]
@@ -96,18 +96,26 @@ def _autoattack_acc(result: dict[str, Any]) -> float | None:
     return sum(robust) / max(len(robust), 1)
 
 
-def _budgets(config: dict[str, Any]) -> str:
-    cfg = AttackConfig.from_dict(config)
+def _budgets(cfg: AttackConfig, attacks: list[str]) -> str:
     parts = []
-    for attack in config["attacks"]:  # as recorded: the order they ran in
+    for attack in attacks:  # as recorded: the order they ran in
         b = cfg.budget_for(attack)
         parts.append(f"{attack}(" + ",".join(f"{k}={v}" for k, v in b.items() if v is not None) + ")")
     return " ".join(parts)
 
 
+def settings_id(result: dict[str, Any]) -> str:
+    """The row identity of a result: a hash of its meta (less its start time), attack config and size."""
+    identity = {k: v for k, v in result.get("meta", {}).items() if k not in ("started",)}
+    key = json.dumps({"meta": identity, "config": result["config"], "n": result["n_examples"]}, sort_keys=True,
+                     default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 def result_row(result: dict[str, Any]) -> dict[str, Any]:
     """Flatten one result into a leaderboard row (accuracies in percent)."""
     meta, config = result.get("meta", {}), result["config"]
+    cfg = AttackConfig.from_dict(config)
     row: dict[str, Any] = {
         "model": meta.get("model", "?"),
         "defense": meta.get("defense", "none"),
@@ -123,7 +131,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
         row[f"{attack}_acc"] = _pct(acc)
     std = _standard_acc(result)
     row["standard_acc"] = _pct(std) if std is not None else None
-    aa = _autoattack_acc(result)
+    aa = _autoattack_acc(result, cfg)
     row["autoattack_acc"] = _pct(aa) if aa is not None else None
     row["worst_case_acc"] = _pct(result["worst_case_acc"])
     _add_intervals(row)
@@ -132,13 +140,11 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     skipped = meta.get("not_applicable") or {}
     row["not_applicable"] = "; ".join(f"{a}: {why}" for a, why in skipped.items())
     row["attacks"] = ",".join(config["attacks"])
-    row["budgets"] = _budgets(config)
+    row["budgets"] = _budgets(cfg, config["attacks"])
     row["precision"] = meta.get("precision", "float32")
     row["seconds"] = round(sum(result.get("seconds", {}).values()), 1)
     row.update(_cost_columns(result))
-    identity = {k: v for k, v in meta.items() if k not in ("started",)}
-    key = json.dumps({"meta": identity, "config": config, "n": result["n_examples"]}, sort_keys=True, default=str)
-    row["settings_id"] = hashlib.sha256(key.encode()).hexdigest()[:10]
+    row["settings_id"] = settings_id(result)
     versions = result.get("versions", {})
     row["robustify_version"] = versions.get("robustify")
     row["torch_version"] = versions.get("torch")
@@ -195,7 +201,7 @@ def _add_paired(df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame
         df.at[i, "discordant"] = f"{cmp['base_only']}/{cmp['defended_only']}"
         df.at[i, "mcnemar_p"] = float(f"{cmp['p_value']:.4g}")
         df.at[i, "verdict"] = cmp["verdict"]
-        df.at[i, "base_settings_id"] = result_row(base)["settings_id"]
+        df.at[i, "base_settings_id"] = settings_id(base)
     return df
 
 
