@@ -111,6 +111,11 @@ def defense_names(*, trainable: bool | None = None) -> tuple[str, ...]:
     return tuple(n for n, h in _HANDLERS.items() if trainable is None or h.trainable == trainable)
 
 
+def handlers(*, trainable: bool | None = None) -> tuple[DefenseHandler, ...]:
+    """The registered handlers, each once, in registration order (only the (non-)trainable ones if given)."""
+    return tuple(dict.fromkeys(h for h in _HANDLERS.values() if trainable is None or h.trainable == trainable))
+
+
 def get_defense(name: str) -> DefenseHandler:
     """The handler of defense ``name``; a one-line ``ValueError`` for an unknown name."""
     if name not in _HANDLERS:
@@ -186,7 +191,7 @@ def save_defense_state(
 def file_defense(path: str | Path) -> tuple[str, DefenseHandler]:
     """The defense saved in ``path`` and its handler."""
     error: StateMismatchError | None = None
-    for handler in dict.fromkeys(_HANDLERS.values()):
+    for handler in handlers():
         try:
             name = handler.reads(path)
         except StateMismatchError as exc:

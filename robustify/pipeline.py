@@ -236,8 +236,7 @@ def _attacked(job: EvaluationJob, model: nn.Module) -> nn.Module:
 
 def _has_nondifferentiable(model: nn.Module) -> bool:
     """True when the model holds modules of a defense BPDA applies to (MeanSparse, also a published one)."""
-    handlers = dict.fromkeys(defenses.get_defense(n) for n in defenses.defense_names())
-    return any(h.modules(model) for h in handlers if not h.differentiable)
+    return any(h.modules(model) for h in defenses.handlers() if not h.differentiable)
 
 
 def _applicable(config: AttackConfig, model: nn.Module, defense: str) -> tuple[AttackConfig, dict[str, str]]:

@@ -29,7 +29,6 @@ sidecar) so that the file reproduces the trained model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -49,7 +48,7 @@ from .activations import PSSiLU
 from .attacks import evaluate_pgd, pgd  # the one PGD (training's attack), re-exported here
 from .errors import StateMismatchError
 from .io import atomic_path
-from .state import sidecar_path
+from .sparta import read_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def apply_defense(model: nn.Module, example: torch.Tensor, config: Any) -> nn.Mo
 
 def _defense_modules(model: nn.Module) -> dict[str, nn.Module]:
     modules: dict[str, nn.Module] = {}
-    for handler in dict.fromkeys(defenses.get_defense(n) for n in defenses.defense_names(trainable=True)):
+    for handler in defenses.handlers(trainable=True):
         modules.update(handler.modules(model))
     return modules
 
@@ -248,10 +247,9 @@ def load_defense(model: nn.Module, path: str | Path, example: torch.Tensor) -> n
     """Re-apply the defense saved in ``path`` with its saved state, and the backbone weights
     if it was trained jointly. Returns the model to use (in the train/eval mode of ``model``),
     with the defense's config recorded on it."""
-    name, handler = defenses.file_defense(path)
     out = defenses.load_defense_state(model, path, example)
-    if handler.trainable:
-        meta = json.loads(sidecar_path(path).read_text())
+    if defenses.handler_for_config(defenses.applied_config(out)).trainable:
+        meta = read_sidecar(path)
         if meta.get("backbone"):
             _load_backbone(out, Path(path).with_name(meta["backbone"]))
     return out.train(model.training)
