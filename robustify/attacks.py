@@ -345,10 +345,6 @@ def _step(grad: torch.Tensor, step: float, norm: str) -> torch.Tensor:
     return step * grad / g
 
 
-def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target)
-
-
 def pgd(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -360,7 +356,7 @@ def pgd(
     norm: str = "Linf",
     random_start: bool = True,
     targeted: bool = False,
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _mean_cross_entropy,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     generator: torch.Generator | None = None,
     first_adversarial: bool = False,
 ) -> torch.Tensor:

@@ -21,7 +21,6 @@ from .cli_common import (  # noqa: F401 - the shared helpers, also reachable her
     add_data_args,
     add_meansparse_args,
     add_model_args,
-    add_workers_arg,
     load_model_from_args,
     meansparse_config,
     register_command,

@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["AUDIT_MARGIN", "JOURNAL_FILE", "LOCK_FILE", "RESULT_FILE", "EvalResult", "EvaluationLockedError", "Journal",
            "JournalMismatchError", "audit", "evaluate", "load_result"]
 
-_fingerprint = data_fingerprint
 _locked = locked
 
 
