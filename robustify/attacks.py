@@ -401,13 +401,8 @@ def pgd(
             delta = (x + delta).clamp(0, 1) - x
     if not first_adversarial:
         return (x + delta).detach()
-    with torch.no_grad():
-        final = x + delta
-        fooled = model(final).argmax(1) != y
-        take = fooled & ~found
-        best[take] = final[take]
-        rest = ~(found | fooled)
-        best[rest] = final[rest]
+    final = (x + delta).detach()
+    best[~found] = final[~found]  # fooled only now, or never: the last iterate either way (no forward needed)
     return best.detach()
 
 
