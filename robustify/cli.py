@@ -93,25 +93,14 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 @register_command("calibrate", "insert MeanSparse, calibrate in one pass, save the statistics", _calibrate_args)
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .insert import insert_meansparse
-    from .pipeline import calibration_loader
-    from .state import save_calibration
-
-    config = meansparse_config(args)
-    model, info = load_model_from_args(args)
-    model = insert_meansparse(model, info.example_input(device=args.device), config)
-    batch_size = config.calibration_batch_size(args.batch_size)
-    batches = calibration_loader(args.data, info, holdout=args.holdout, n_calib=args.n_calib,
-                                 batch_size=batch_size, cache_dir=args.cache_dir, workers=args.workers,
-                                 device=args.device)
-    counts = calibrate(model, batches, device=args.device)
     from . import distributed
+    from .pipeline import calibrate_meansparse
 
-    if distributed.is_main():  # under torchrun every rank holds the merged statistics
-        save_calibration(model, args.out, config=config, model_info=info.to_dict(),
-                         extra={"data": args.data, "holdout": args.holdout, "n_calib": args.n_calib,
-                                "batch_size": batch_size})
+    model, info = load_model_from_args(args)
+    _, counts = calibrate_meansparse(model, info, meansparse_config(args), args.out, data=args.data,
+                                     holdout=args.holdout, n_calib=args.n_calib, batch_size=args.batch_size,
+                                     cache_dir=args.cache_dir, workers=args.workers, device=args.device)
+    if distributed.is_main():
         logger.info("wrote %s (%d sites)", args.out, len(counts))
     return 0
 

@@ -123,6 +123,41 @@ def calibration_loader(
     return loader(ds, batch_size, workers=workers, device=device)
 
 
+def calibrate_meansparse(
+    model: nn.Module,
+    info: ModelInfo,
+    config: MeanSparseConfig,
+    out: str | Path,
+    *,
+    data: str,
+    holdout: int = 0,
+    n_calib: int | None = None,
+    batch_size: int | None = None,
+    cache_dir: str | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, int]]:
+    """Insert MeanSparse with ``config``, calibrate it in one pass over the job's calibration data and
+    save the statistics to ``out`` with where they came from (on the main process under torchrun).
+    ``batch_size`` None: the config's (:meth:`MeanSparseConfig.calibration_batch_size`). Returns the
+    model and the per-site counts."""
+    model = insert_meansparse(model, info.example_input(device=device), config)
+    batch_size = config.calibration_batch_size(batch_size)
+    batches = calibration_loader(data, info, holdout=holdout, n_calib=n_calib, batch_size=batch_size,
+                                 cache_dir=cache_dir, workers=workers, device=device)
+    counts = calibrate(model, batches, device=device, progress=progress)
+    if distributed.is_main():  # under torchrun every rank holds the merged statistics
+        save_calibration(model, out, config=config, model_info=info.to_dict(),
+                         extra=_calibration_source(data, holdout, n_calib, batch_size))
+    return model, counts
+
+
+def _calibration_source(data: str, holdout: int, n_calib: int | None, batch_size: int) -> dict[str, Any]:
+    """Where a calibration's statistics came from, as recorded in its sidecar (and checked on reuse)."""
+    return {"data": data, "holdout": holdout, "n_calib": n_calib, "batch_size": batch_size}
+
+
 def _check_cached(path: Path, job: EvaluationJob) -> None:
     """Refuse a calibration cached in the results directory from other calibration data."""
     try:
@@ -131,10 +166,11 @@ def _check_cached(path: Path, job: EvaluationJob) -> None:
         saved = None
     if not isinstance(saved, dict):
         return  # load_calibration reports the damaged file
-    wanted: dict[str, Any] = {"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib}
+    wanted = _calibration_source(job.data, job.holdout, job.n_calib,
+                                 job.meansparse.calibration_batch_size(job.calib_batch_size))
     official = (saved.get("config") or {}).get("stats_mode") == job.meansparse.stats_mode == "official"
-    if official:  # official statistics depend on the batch size (another stats mode: load_calibration refuses)
-        wanted["batch_size"] = job.meansparse.calibration_batch_size(job.calib_batch_size)
+    if not official:  # official statistics depend on the batch size (another stats mode: load_calibration refuses)
+        del wanted["batch_size"]
     differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
     if differ:
         raise StateMismatchError(
@@ -153,16 +189,9 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
         model = load_calibration(model, source, example, config=job.meansparse)  # the job's placement and alphas
         logger.info("MeanSparse statistics loaded from %s (no recalibration)", source)
         return model
-    model = insert_meansparse(model, example, job.meansparse)
-    batch_size = job.meansparse.calibration_batch_size(job.calib_batch_size)
-    batches = calibration_loader(job.data, info, holdout=job.holdout, n_calib=job.n_calib,
-                                 batch_size=batch_size, cache_dir=job.cache_dir, workers=job.workers,
-                                 device=job.device)
-    calibrate(model, batches, device=job.device, progress=job.progress)
-    if distributed.is_main():
-        save_calibration(model, cached, config=job.meansparse, model_info=info.to_dict(),
-                         extra={"data": job.data, "holdout": job.holdout, "n_calib": job.n_calib,
-                                "batch_size": batch_size})
+    model, _ = calibrate_meansparse(model, info, job.meansparse, cached, data=job.data, holdout=job.holdout,
+                                    n_calib=job.n_calib, batch_size=job.calib_batch_size, cache_dir=job.cache_dir,
+                                    workers=job.workers, device=job.device, progress=job.progress)
     distributed.barrier()
     return model
 
