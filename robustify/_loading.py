@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import first_line  # noqa: F401 - re-exported: models and zoo import it from here
+
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its class name if it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def html_page_error(path: str | Path) -> str | None:

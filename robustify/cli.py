@@ -25,6 +25,7 @@ from .cli_common import (  # noqa: F401 - the shared helpers, also reachable her
     meansparse_config,
     register_command,
 )
+from .errors import first_line
 
 logger = logging.getLogger("robustify")
 
@@ -150,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI reports every error in one line
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"robustify: error: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"robustify: error: {first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ so both import paths name the same class.
 from __future__ import annotations
 
 __all__ = [
+    "first_line",
     "DataError",
     "EvaluationLockedError",
     "InsertionError",
@@ -48,3 +49,9 @@ class EvaluationLockedError(RuntimeError):
 
 class JournalMismatchError(ValueError):
     """The results directory holds a different evaluation."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

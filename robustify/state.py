@@ -21,7 +21,7 @@ from torch import nn
 from ._version import __version__
 from .config import MeanSparseConfig
 from .defenses import DefenseHandler, register_defense
-from .errors import InsertionError, StateMismatchError
+from .errors import InsertionError, StateMismatchError, first_line
 from .insert import insert_meansparse, plan, remove_meansparse
 from .io import atomic_path, write_json
 from .meansparse import meansparse_modules
@@ -156,8 +156,9 @@ def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StateMismatchError(f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {first}") from exc
+        raise StateMismatchError(
+            f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {first_line(exc)}"
+        ) from exc
     if meta.get("content_sha256") not in (None, content_digest(tensors)):
         raise StateMismatchError(
             f"{str(path)!r} and its sidecar {side.name!r} do not belong together or the tensors are damaged "
