@@ -23,7 +23,7 @@ from torch import nn
 from .config import MeanSparseConfig
 from .defenses import CONFIG_ATTR, record_config
 from .errors import InsertionError
-from .meansparse import MeanSparse, MeanSparseReLU, meansparse_modules
+from .meansparse import CHILD_NAME, OUTPUT_CHILD_NAME, MeanSparse, MeanSparseReLU, meansparse_modules
 from .sites import ACTIVATION_CLASS_NAMES, Site, modularize, plan_output_sites, plan_sites, select_sites
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ __all__ = [
     "unfuse_meansparse",
 ]
 
-CHILD_NAME = "meansparse"
-OUTPUT_CHILD_NAME = "meansparse_out"
 
 
 def _run_child_first(child_name: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

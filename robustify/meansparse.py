@@ -130,7 +130,8 @@ class _SparsifyReLU(torch.autograd.Function):
 CHUNK_BYTES = 1 << 20
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _workspaces = threading.local()
-_HOST_CHILD = "meansparse"  # the child name under which insertion attaches a module (robustify.insert)
+CHILD_NAME = "meansparse"  # the child of an activation under which insertion attaches MeanSparse (robustify.insert)
+OUTPUT_CHILD_NAME = "meansparse_out"  # the child of a module whose output MeanSparse sparsifies
 
 
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -543,7 +544,7 @@ def meansparse_modules(model: nn.Module) -> dict[str, MeanSparse]:
     shared = Counter(site for site, _, _ in entries)
     found: dict[str, MeanSparse] = {}
     for site, name, module in entries:
-        key = site if shared[site] == 1 else name.removesuffix(f".{_HOST_CHILD}")
+        key = site if shared[site] == 1 else name.removesuffix(f".{CHILD_NAME}")
         found[name if key in found else key] = module
     return found
 
