@@ -41,6 +41,7 @@ from .evaluate import _attack_batch, _chunks, _parameters_frozen, _predict
 from .io import write_json
 from .meansparse import bpda, meansparse_modules
 from .results import AUDIT_MARGIN, RESULT_FILE, EvalResult, read_result_file
+from .significance import robust_mask
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def check_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: 
 
 
 def _per_example_robust(result: EvalResult, attacks: list[str]) -> list[int]:
-    per = result.per_example
-    return [i for i, c in enumerate(per["clean_correct"]) if c == 1 and not any(per[a][i] == 1 for a in attacks)]
+    return [i for i, robust in enumerate(robust_mask(result.per_example, attacks)) if robust]
 
 
 def _strongest(result: EvalResult) -> str | None:

@@ -22,7 +22,7 @@ from .attacks import ATTACKS, AUTOATTACK_SUITE, STANDARD, AttackConfig, autoatta
 from .config import format_eps
 from .io import atomic_path, write_json, write_text
 from .page import write_latex, write_page
-from .significance import LEVEL, ci_text, find_base, paired_comparison
+from .significance import LEVEL, ci_text, find_base, paired_comparison, robust_mask
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def _standard_acc(result: dict[str, Any]) -> float | None:
     standard = [a for a in STANDARD if a in per]
     if not standard:
         return None
-    correct = per["clean_correct"]
-    robust = [c == 1 and not any(per[a][i] == 1 for a in standard) for i, c in enumerate(correct)]
+    robust = robust_mask(per, standard)
     return sum(robust) / max(len(robust), 1)
 
 

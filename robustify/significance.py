@@ -91,11 +91,16 @@ def verdict(difference: float, p_value: float, level: float = LEVEL) -> str:
     return "no significant gain"
 
 
+def robust_mask(per_example: dict[str, list[Any]], attacks: list[str]) -> list[bool]:
+    """Per example: correctly classified and broken by none of ``attacks`` (1 = broke it)."""
+    return [c == 1 and not any(per_example[a][i] == 1 for a in attacks)
+            for i, c in enumerate(per_example["clean_correct"])]
+
+
 def robust_vector(result: dict[str, Any]) -> list[bool]:
     """Per example: correctly classified and broken by no attack (the worst case)."""
     per = result["per_example"]
-    attacks = [a for a in result.get("attack_acc", {}) if a in per]
-    return [c == 1 and not any(per[a][i] == 1 for a in attacks) for i, c in enumerate(per["clean_correct"])]
+    return robust_mask(per, [a for a in result.get("attack_acc", {}) if a in per])
 
 
 def _requested(result: dict[str, Any]) -> set[str]:
