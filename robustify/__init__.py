@@ -5,6 +5,8 @@ The data flows one way: :func:`load_model` -> :func:`insert_meansparse` ->
 """
 
 from ._version import __version__
+# the defense modules register their handlers on import, in this order (the --defense choices' order)
+from . import state, sparta, activations, smoothrelu  # noqa: F401, I001
 from .activations import ActivationConfig, swap_activations
 from .smoothrelu import SmoothReLU, SmoothReLUConfig
 from .attacks import AttackConfig

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SerializableConfig
-from .defenses import DefenseHandler, record_config, register_defense
+from .defense_file import read_defense_file, write_defense_file
+from .defenses import DefenseHandler, applied_sites, record_config, register_defense
 from .errors import InsertionError, StateMismatchError
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
-from .sparta import read_defense_file, read_sidecar, write_defense_file
 
 logger = logging.getLogger(__name__)
 
@@ -218,19 +218,19 @@ def swap_activations(
 ) -> nn.Module:
     """Replace the selected activations by ``config.name``; returns the model to use.
 
-    The returned model carries ``robustify_swap`` (a plain attribute: the config and the
-    site list), which :func:`save_activations` writes to the sidecar. ``config`` may be any
+    The config and the site list are recorded on the returned model
+    (:func:`robustify.defenses.record_config`); :func:`save_activations` writes them to the
+    sidecar. ``config`` may be any
     swap config: fields ``name``, ``replace``, ``include``, ``exclude``, ``shared``, a
     ``parametric`` property and a ``make()`` method (as :class:`ActivationConfig`).
     """
     config = config or ActivationConfig()
-    if getattr(model, "robustify_swap", None) is not None:
+    if applied_sites(model):
         raise InsertionError("the model's activations were already swapped")
     prepared, sites = plan_swap(model, example, config)
     device = next((p.device for p in prepared.parameters()), example.device)
     _install(prepared, [s.name for s in sites], config, device)
-    prepared.robustify_swap = {"config": config, "sites": sites}
-    record_config(prepared, config)
+    record_config(prepared, config, sites)
     logger.info("swapped %d activation(s) to %s%s", len(sites), config.name,
                 " (one shared parameter set)" if config.parametric and config.shared else "")
     return prepared
@@ -244,39 +244,32 @@ def save_activations(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save a swap: the parametric activations' parameters (keys ``<site>.<param>``) + sidecar."""
-    record = getattr(model, "robustify_swap", None)
-    if record is None:
+    sites: list[Site] = applied_sites(model)
+    if not sites:
         raise ValueError("the model has no swapped activations to save (use swap_activations first)")
-    config: ActivationConfig = record["config"]
-    sites: list[Site] = record["sites"]
+    config = model.robustify_defense
     tensors: dict[str, torch.Tensor] = {}
     for site in sites:
         module = model.get_submodule(site.name)
         if isinstance(module, ParametricActivation):
             for pname in module.PARAMS:
                 tensors[f"{site.name}.{pname}"] = getattr(module, pname)
-    sidecar = {
-        "kind": "activation",
-        "defense": config.name,
-        "config": config.to_dict(),
-        "model": model_info or {},
-        "sites": [{"name": s.name, "channels": s.channels, "channel_dim": s.channel_dim, "replaced": s.activation}
-                  for s in sites],
-        **(extra or {}),
-    }
-    write_defense_file(path, tensors, sidecar)
+    entries = [{"name": s.name, "channels": s.channels, "channel_dim": s.channel_dim, "replaced": s.activation}
+               for s in sites]
+    write_defense_file(path, tensors, defense=config.name, config=config, sites=entries, model_info=model_info,
+                       extra=extra)
     logger.info("saved %s swap (%d site(s), %d tensors) to %s", config.name, len(sites), len(tensors), path)
     return Path(path)
 
 
 def load_activations(
-    model: nn.Module, path: str | Path, example: torch.Tensor, config_type: type = ActivationConfig
+    model: nn.Module, path: str | Path, example: torch.Tensor, config_type: type = ActivationConfig,
+    names: tuple[str, ...] | None = None,
 ) -> nn.Module:
     """Re-apply the swap saved in ``path`` to a fresh ``model`` with its trained parameters
-    (``config_type``: the swap config class the file was saved with)."""
-    tensors, meta = read_defense_file(path)
-    if meta.get("kind") != "activation":
-        raise StateMismatchError(f"{str(path)!r} holds a {meta.get('kind')!r} defense, not an activation swap")
+    (``config_type``: the swap config class the file was saved with; ``names``: the defense
+    names it serves, by default :data:`ACTIVATIONS`)."""
+    tensors, meta = read_defense_file(path, names or tuple(ACTIVATIONS))
     config = config_type.from_dict(meta["config"])
     prepared = modularize(model)
     by_name = {s.name: s for s in plan_sites(prepared, example)}
@@ -294,8 +287,7 @@ def load_activations(
     _install(prepared, [e["name"] for e in saved], config, device)
     if config.parametric:
         _load_parameters(prepared, saved, tensors, config, path)
-    prepared.robustify_swap = {"config": config, "sites": [by_name[e["name"]] for e in saved]}
-    record_config(prepared, config)
+    record_config(prepared, config, [by_name[e["name"]] for e in saved])
     logger.info("loaded %s swap from %s (%d site(s))", config.name, path, len(saved))
     return prepared
 
@@ -325,8 +317,7 @@ def _load_parameters(
 def swapped_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The swapped-in activations by site name (parametric ones, shared copies included)."""
     modules: dict[str, nn.Module] = dict(parametric_modules(model))
-    record = getattr(model, "robustify_swap", None)
-    for site in (record or {}).get("sites", ()):
+    for site in applied_sites(model):
         modules.setdefault(site.name, model.get_submodule(site.name))
     return modules
 
@@ -350,10 +341,6 @@ def swap_handler(
 ) -> DefenseHandler:
     """The registry handler of an activation swap whose configs are ``config_type``
     (``make_config(name, **options)``; default: ``config_type(name=name, **options)``)."""
-    def reads(path: str | Path) -> str | None:
-        meta = read_sidecar(path)
-        return str(meta["defense"]) if meta.get("kind") == "activation" and meta.get("defense") in names else None
-
     return DefenseHandler(
         names=names,
         config_type=config_type,
@@ -363,8 +350,7 @@ def swap_handler(
         apply=swap_activations,
         remove=None,
         save=_save_swap,
-        load=lambda model, path, example: load_activations(model, path, example, config_type),
-        reads=reads,
+        load=lambda model, path, example: load_activations(model, path, example, config_type, names),
         modules=swapped_modules,
         cli_options=swap_options,
         learnable=learnable,

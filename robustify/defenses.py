@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .defense_file import read_sidecar
 from .errors import StateMismatchError
 
 __all__ = [
     "CONFIG_ATTR",
     "DefenseHandler",
     "applied_config",
+    "applied_sites",
     "apply_defense",
     "defense_config",
     "defense_names",
@@ -48,6 +50,8 @@ __all__ = [
 ]
 
 CONFIG_ATTR = "robustify_defense"
+#: the sites a defense changed, for the defenses whose modules do not name them (activation swaps)
+SITES_ATTR = "robustify_defense_sites"
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,6 @@ class DefenseHandler:
         remove: ``model -> model`` without the defense, or None if it cannot be removed.
         save: ``(model, path, config, *, model_info, extra) -> path`` of its state.
         load: ``(model, path, example) -> model`` with the saved state re-applied.
-        reads: ``path -> name`` of the defense saved there, or None if not its file (it may
-            raise :class:`StateMismatchError` for an unreadable file).
         modules: ``model -> {site: module}`` of the inserted modules (for training).
         cli_options: ``(args, frozen) -> options`` for ``make_config`` from the parsed
             ``train``/``inspect`` flags (None: no options).
@@ -85,7 +87,6 @@ class DefenseHandler:
     remove: Callable[[nn.Module], nn.Module] | None
     save: Callable[..., Path]
     load: Callable[[nn.Module, str | Path, torch.Tensor], nn.Module]
-    reads: Callable[[str | Path], str | None]
     modules: Callable[[nn.Module], dict[str, nn.Module]]
     cli_options: Callable[[argparse.Namespace, bool], dict[str, Any]] | None = None
     learnable: frozenset[str] = frozenset()
@@ -136,10 +137,18 @@ def defense_config(name: str, **options: Any) -> Any:
     return get_defense(name).make_config(name, **options)
 
 
-def record_config(model: nn.Module, config: Any) -> nn.Module:
-    """Record ``config`` on ``model`` as the defense applied to it; returns ``model``."""
+def record_config(model: nn.Module, config: Any, sites: list[Any] | None = None) -> nn.Module:
+    """Record ``config`` on ``model`` as the defense applied to it (and the ``sites`` it changed,
+    for a defense whose modules do not name them); returns ``model``."""
     setattr(model, CONFIG_ATTR, config)
+    if sites is not None:
+        setattr(model, SITES_ATTR, list(sites))
     return model
+
+
+def applied_sites(model: nn.Module) -> list[Any]:
+    """The sites recorded by :func:`record_config` (empty if none were)."""
+    return list(getattr(model, SITES_ATTR, None) or ())
 
 
 def plan_defense(model: nn.Module, example: torch.Tensor, config: Any) -> list[Any]:
@@ -170,8 +179,9 @@ def remove_defense(model: nn.Module) -> nn.Module:
         raise ValueError(f"defense {handler.names[0]!r} cannot be removed; reload the model instead")
     out = handler.remove(model)
     for m in {id(model): model, id(out): out}.values():
-        if hasattr(m, CONFIG_ATTR):
-            delattr(m, CONFIG_ATTR)
+        for attr in (CONFIG_ATTR, SITES_ATTR):
+            if hasattr(m, attr):
+                delattr(m, attr)
     return out
 
 
@@ -189,17 +199,12 @@ def save_defense_state(
 
 
 def file_defense(path: str | Path) -> tuple[str, DefenseHandler]:
-    """The defense saved in ``path`` and its handler."""
-    error: StateMismatchError | None = None
-    for handler in handlers():
-        try:
-            name = handler.reads(path)
-        except StateMismatchError as exc:
-            error = error or exc
-            continue
-        if name is not None:
-            return name, handler
-    raise error or StateMismatchError(f"{str(path)!r} holds no defense known here (registered: {list(_HANDLERS)})")
+    """The defense saved in ``path`` (its sidecar names it) and its handler."""
+    name = str(read_sidecar(path)["defense"])
+    if name not in _HANDLERS:
+        raise StateMismatchError(f"{str(path)!r} holds a {name!r} defense, not one registered here "
+                                 f"({list(_HANDLERS)})")
+    return name, _HANDLERS[name]
 
 
 def load_defense_state(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:

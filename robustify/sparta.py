@@ -45,33 +45,26 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._version import __version__
 from .config import SerializableConfig
+from .defense_file import read_defense_file, write_defense_file
 from .defenses import DefenseHandler, record_config, register_defense
 from .errors import InsertionError, StateMismatchError
-from .io import atomic_path, write_json
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
-from .state import sidecar_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFENSE_FORMAT",
     "SPARTA_PRESETS",
     "Sparta",
     "SpartaConfig",
     "insert_sparta",
     "load_sparta",
     "plan_sparta",
-    "read_defense_file",
     "residual_group_sites",
     "save_sparta",
     "sparta_modules",
-    "write_defense_file",
 ]
 
 SPARTA_PRESETS: dict[str, str] = {
@@ -386,56 +379,8 @@ def insert_sparta(
 
 
 # ------------------------------------------------------------------------------------------
-# defense files: safetensors (inserted parameters only) + JSON sidecar
+# saving and loading (the one defense file format, robustify.defense_file)
 # ------------------------------------------------------------------------------------------
-DEFENSE_FORMAT = "robustify-defense"
-DEFENSE_FORMAT_VERSION = 1
-
-
-def write_defense_file(path: str | Path, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any]) -> Path:
-    """Write ``tensors`` (safetensors) and ``sidecar`` (``<path>.json``), both atomically."""
-    path = Path(path)
-    data = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(data, str(tmp), metadata={"format": DEFENSE_FORMAT, "kind": str(sidecar.get("kind"))})
-    write_json(
-        sidecar_path(path),
-        {"format": DEFENSE_FORMAT, "format_version": DEFENSE_FORMAT_VERSION, "robustify_version": __version__, **sidecar},
-    )
-    return path
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """Read and check the JSON sidecar of a defense file."""
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise StateMismatchError(f"defense sidecar {str(side)!r} does not exist (written next to the weights)")
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise StateMismatchError(f"{str(side)!r} is not valid JSON (truncated or corrupted): {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != DEFENSE_FORMAT:
-        raise StateMismatchError(f"{str(side)!r} is not a robustify defense sidecar (Sparta or activation swap)")
-    if meta.get("format_version") != DEFENSE_FORMAT_VERSION:
-        raise StateMismatchError(
-            f"{str(side)!r} has format version {meta.get('format_version')}, expected {DEFENSE_FORMAT_VERSION}"
-        )
-    return meta
-
-
-def read_defense_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a defense file and its sidecar; raise :class:`StateMismatchError` if unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise StateMismatchError(f"defense file {str(path)!r} does not exist")
-    meta = read_sidecar(path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise StateMismatchError(f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {exc}") from exc
-    return tensors, meta
-
-
 def save_sparta(
     model: nn.Module,
     path: str | Path,
@@ -449,15 +394,9 @@ def save_sparta(
     if not modules:
         raise ValueError("the model has no Sparta modules to save")
     tensors = {f"{site}.{k}": v for site, m in modules.items() for k, v in m.state_dict().items()}
-    sidecar = {
-        "kind": "sparta",
-        "defense": _name_of(config),
-        "config": config.to_dict(),
-        "model": model_info or {},
-        "sites": [{"name": site, "channels": m.channels, "channel_dim": 1} for site, m in modules.items()],
-        **(extra or {}),
-    }
-    write_defense_file(path, tensors, sidecar)
+    sites = [{"name": site, "channels": m.channels, "channel_dim": 1} for site, m in modules.items()]
+    write_defense_file(path, tensors, defense=_name_of(config), config=config, sites=sites, model_info=model_info,
+                       extra=extra)
     logger.info("saved Sparta (%d site(s), %d tensors) to %s", len(modules), len(tensors), path)
     return Path(path)
 
@@ -507,9 +446,7 @@ def load_sparta(
     :class:`StateMismatchError` names the first mismatch. ``freeze=True`` sets
     ``requires_grad=False`` on the loaded parameters (the paper's transfer setting).
     """
-    tensors, meta = read_defense_file(path)
-    if meta.get("kind") != "sparta":
-        raise StateMismatchError(f"{str(path)!r} holds a {meta.get('kind')!r} defense, not Sparta")
+    tensors, meta = read_defense_file(path, NAMES)
     config = SpartaConfig.from_dict(meta["config"])
     saved = meta["sites"]
     prepared, targets = _target_sites(model, example, config, saved, mapping)
@@ -540,6 +477,9 @@ def load_sparta(
 # ------------------------------------------------------------------------------------------
 # the Sparta defense in the registry
 # ------------------------------------------------------------------------------------------
+NAMES = ("sparta", "sparta-nodp")
+
+
 def _name_of(config: SpartaConfig) -> str:
     return "sparta" if config.variant == "sparta" else "sparta-nodp"
 
@@ -567,13 +507,8 @@ def _save(model: nn.Module, path: str | Path, config: SpartaConfig, **kwargs: An
     return save_sparta(model, path, config=config, **kwargs)
 
 
-def _reads(path: str | Path) -> str | None:
-    meta = read_sidecar(path)
-    return str(meta["defense"]) if meta.get("kind") == "sparta" else None
-
-
 register_defense(DefenseHandler(
-    names=("sparta", "sparta-nodp"),
+    names=NAMES,
     config_type=SpartaConfig,
     make_config=_make_config,
     name_of=_name_of,
@@ -582,8 +517,7 @@ register_defense(DefenseHandler(
     remove=None,
     save=_save,
     load=lambda model, path, example: load_sparta(model, path, example, mapping="name"),
-    reads=_reads,
     modules=lambda model: dict(sparta_modules(model)),
     cli_options=_cli_options,
-    learnable=frozenset({"sparta", "sparta-nodp"}),
+    learnable=frozenset(NAMES),
 ))

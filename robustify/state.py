@@ -1,29 +1,26 @@
 """Save and load only the inserted state (PEFT-style adapters): the calibrated statistics.
 
-A calibration file is a safetensors file with keys ``<site>.mean`` and ``<site>.var``
-(float32, one value per channel) plus a JSON sidecar ``<file>.json`` with the model spec,
-the insertion config and the site list. Loading re-inserts MeanSparse with the saved
-config, checks that the sites and channel counts match, and sets the statistics.
+A calibration file is a defense file (:mod:`robustify.defense_file`) with keys
+``<site>.mean`` and ``<site>.var`` (float32, one value per channel); its JSON sidecar
+``<file>.json`` holds the model spec, the insertion config, the site list and the digest.
+Loading re-inserts MeanSparse with the saved config, checks that the sites and channel
+counts match, and sets the statistics.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._version import __version__
 from .config import MeanSparseConfig
+from .defense_file import content_digest, read_defense_file, saved_defense, sidecar_path, write_defense_file
 from .defenses import DefenseHandler, register_defense
-from .errors import InsertionError, StateMismatchError, first_line
+from .errors import InsertionError, StateMismatchError
 from .insert import insert_meansparse, plan, remove_meansparse
-from .io import atomic_path, write_json
 from .meansparse import meansparse_modules
 
 logger = logging.getLogger(__name__)
@@ -38,29 +35,6 @@ __all__ = [
     "sidecar_path",
 ]
 
-FORMAT = "robustify-meansparse"
-FORMAT_VERSION = 1
-
-
-def sidecar_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".json")
-
-
-def content_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors (names, dtypes, shapes and bytes), in key order.
-
-    Stored in the sidecar and checked against the tensors file on load, so that a pair of
-    files from two different runs (a write interrupted between the two files) or damaged
-    tensors are detected.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
-
 
 def save_calibration(
     model: nn.Module,
@@ -72,9 +46,10 @@ def save_calibration(
 ) -> Path:
     """Write the calibrated MeanSparse state of ``model`` to ``path`` (+ JSON sidecar).
 
-    Both files are written atomically (the tensors first, then the sidecar, which records the
-    tensors' content digest), so a pair left inconsistent by a crash between the two writes is
-    refused on load instead of being silently mixed. The same state gives byte-identical files.
+    The one defense file format (:mod:`robustify.defense_file`): tensors ``<site>.mean`` and
+    ``<site>.var``, a sidecar with the config, the sites and the tensors' content digest, so a
+    pair left inconsistent by a crash between the two writes is refused on load instead of being
+    silently mixed. The same state gives byte-identical files.
     """
     modules = meansparse_modules(model)
     if not modules:
@@ -84,87 +59,27 @@ def save_calibration(
         raise ValueError(f"MeanSparse site(s) {uncalibrated[:5]} are not calibrated; nothing saved")
     tensors: dict[str, torch.Tensor] = {}
     for site, m in modules.items():
-        tensors[f"{site}.mean"] = m.mean.detach().cpu().float().contiguous()
-        tensors[f"{site}.var"] = m.var.detach().cpu().float().contiguous()
-    digest = content_digest(tensors)
-    sidecar = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "robustify_version": __version__,
-        "content_sha256": digest,
-        "model": model_info or {},
-        "config": config.to_dict(),
-        "sites": [
-            {
-                "name": site,
-                "channels": m.channels,
-                "channel_dim": m.channel_dim,
-                "ndim": m.ndim,
-                "alpha": m.alpha,
-                "count": m.moments.count,
-            }
-            for site, m in modules.items()
-        ],
-        **(extra or {}),
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        # one metadata key only: safetensors writes its metadata map in no fixed order
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    write_json(sidecar_path(path), sidecar)
+        tensors[f"{site}.mean"] = m.mean.float()
+        tensors[f"{site}.var"] = m.var.float()
+    sites = [
+        {"name": site, "channels": m.channels, "channel_dim": m.channel_dim, "ndim": m.ndim, "alpha": m.alpha,
+         "count": m.moments.count}
+        for site, m in modules.items()
+    ]
+    write_defense_file(path, tensors, defense="meansparse", config=config, sites=sites, model_info=model_info,
+                       extra=extra)
     logger.info("saved %d MeanSparse site(s) to %s", len(modules), path)
-    return path
+    return Path(path)
 
 
 def is_calibration_file(path: str | Path) -> bool:
     """True when ``path`` has the JSON sidecar of a MeanSparse calibration file."""
-    try:
-        meta = json.loads(sidecar_path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
-
-
-def _check_sidecar(meta: Any, side: Path) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StateMismatchError(f"{str(side)!r} is not a robustify MeanSparse calibration sidecar")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StateMismatchError(
-            f"{str(side)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}"
-        )
-    sites = meta.get("sites")
-    if (
-        not isinstance(meta.get("config"), dict)
-        or not isinstance(sites, list)
-        or not all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("channels"), int) for s in sites)
-    ):
-        raise StateMismatchError(f"{str(side)!r} is damaged: its 'config' or 'sites' entries are missing or malformed")
+    return saved_defense(path) == "meansparse"
 
 
 def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and check a calibration file and its sidecar (format, integrity, pairing)."""
-    path = Path(path)
-    side = sidecar_path(path)
-    for p in (path, side):
-        if not p.is_file():
-            raise StateMismatchError(f"calibration file {str(p)!r} does not exist")
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StateMismatchError(f"{str(side)!r} is not valid JSON (truncated or corrupted): {exc}") from exc
-    _check_sidecar(meta, side)
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
-        raise StateMismatchError(
-            f"cannot read {str(path)!r} (truncated or corrupted safetensors file): {first_line(exc)}"
-        ) from exc
-    if meta.get("content_sha256") not in (None, content_digest(tensors)):
-        raise StateMismatchError(
-            f"{str(path)!r} and its sidecar {side.name!r} do not belong together or the tensors are damaged "
-            "(content digest mismatch; was a write interrupted?): calibrate again"
-        )
-    return tensors, meta
+    return read_defense_file(path, "meansparse")
 
 
 def _placement(config: MeanSparseConfig) -> str:
@@ -291,7 +206,6 @@ register_defense(DefenseHandler(
     remove=remove_meansparse,
     save=_save_meansparse,
     load=load_calibration,
-    reads=lambda path: "meansparse" if is_calibration_file(path) else None,
     modules=lambda model: dict(meansparse_modules(model)),
     differentiable=False,
     trainable=False,

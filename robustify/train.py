@@ -46,9 +46,9 @@ from tqdm import tqdm
 from . import defenses
 from .activations import PSSiLU
 from .attacks import evaluate_pgd, pgd  # the one PGD (training's attack), re-exported here
+from .defense_file import read_sidecar
 from .errors import StateMismatchError
 from .io import atomic_path
-from .sparta import read_sidecar
 
 logger = logging.getLogger(__name__)
 

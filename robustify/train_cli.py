@@ -11,7 +11,7 @@ from typing import Any
 
 from .cli_common import add_data_args, add_model_args, load_model_from_args, register_command
 from .config import parse_eps
-from .defenses import defense_names, get_defense
+from .defenses import applied_config, defense_names, get_defense
 
 logger = logging.getLogger("robustify")
 
@@ -112,11 +112,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.transfer:
         if not args.defense.startswith("sparta"):
             raise ValueError("--transfer loads a pretrained Sparta: use it with --defense sparta or sparta-nodp")
-        from .sparta import SpartaConfig
-        from .sparta import read_sidecar
-
         model = load_sparta(model, args.transfer, example, mapping="auto", freeze=True)
-        defense = SpartaConfig.from_dict(read_sidecar(args.transfer)["config"])
+        defense = applied_config(model)  # the file's config, recorded by the loader
     else:
         defense = defense_config(args.defense, **_defense_options(args, frozen))
         model = apply_defense(model, example, defense)

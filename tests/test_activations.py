@@ -19,6 +19,7 @@ from robustify.activations import (
     save_activations,
     swap_activations,
 )
+from robustify.defenses import applied_sites
 from robustify.insert import InsertionError
 from robustify.sites import is_activation, plan_sites
 from robustify.state import StateMismatchError
@@ -102,7 +103,7 @@ def test_shared_and_per_site_parameters() -> None:
 def test_selection_and_errors() -> None:
     model, example = resnet18()
     out = swap_activations(model, example, ActivationConfig(name="silu", include=("layer4*",)))
-    assert sorted(s.name for s in out.robustify_swap["sites"]) == [
+    assert sorted(s.name for s in applied_sites(out)) == [
         "layer4.0.relu_0", "layer4.0.relu_1", "layer4.1.relu_0", "layer4.1.relu_1"]
     assert type(out.get_submodule("layer1.0.relu_0")) is nn.ReLU
     with pytest.raises(InsertionError, match="already swapped"):

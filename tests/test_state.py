@@ -21,7 +21,7 @@ from robustify import (
     meansparse_modules,
     save_calibration,
 )
-from robustify import state as state_module
+from robustify import defense_file as defense_file_module
 from robustify.state import content_digest, sidecar_path
 
 
@@ -77,7 +77,7 @@ def test_saving_is_deterministic(tiny_model, tiny_input, tmp_path: Path) -> None
     assert a.read_bytes() == b.read_bytes()
     assert sidecar_path(a).read_bytes() == sidecar_path(b).read_bytes()
     with safe_open(str(a), framework="pt") as f:
-        assert f.metadata() == {"format": "robustify-meansparse"}
+        assert f.metadata() == {"format": "robustify-defense"}
     assert json.loads(sidecar_path(a).read_text())["content_sha256"] == content_digest(load_file(str(a)))
 
 
@@ -136,8 +136,8 @@ def test_truncated_tensors_file(saved) -> None:
     "damage,message",
     [
         (lambda text: text[: len(text) // 2], "not valid JSON"),
-        (lambda text: "[1, 2]", "not a robustify MeanSparse calibration sidecar"),
-        (lambda text: text.replace('"format_version": 1', '"format_version": 99'), "format version 99"),
+        (lambda text: "[1, 2]", "not a robustify defense sidecar"),
+        (lambda text: text.replace('"format_version": 2', '"format_version": 99'), "format version 99"),
         (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "sites"}), "'config' or 'sites'"),
         (lambda text: text.replace('"alpha": 0.2,', '"alpha": -3,', 1), "unusable insertion config"),
     ],
@@ -172,7 +172,7 @@ def test_unusable_statistics(saved) -> None:
     tensors = load_file(str(path))
     tensors["act1.var"][0] = -1.0
     digest = content_digest(tensors)
-    save_file(tensors, str(path), metadata={"format": "robustify-meansparse"})
+    save_file(tensors, str(path), metadata={"format": "robustify-defense"})
     meta = json.loads(sidecar_path(path).read_text())
     meta["content_sha256"] = digest
     sidecar_path(path).write_text(json.dumps(meta))
@@ -189,7 +189,7 @@ def test_failed_write_leaves_previous_file_intact(saved, tiny_model, monkeypatch
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(state_module, "save_file", disk_full)
+    monkeypatch.setattr(defense_file_module, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_calibration(model, path, config=MeanSparseConfig(alpha=0.2))
     assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before

@@ -245,7 +245,7 @@ def test_cli_train_writes_a_loadable_defense_and_resumes(tmp_path, npz, capsys) 
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs"] == 1 and 0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1
     meta = json.loads((tmp_path / "pssilu.safetensors.json").read_text())
-    assert meta["kind"] == "activation" and meta["defense"] == "pssilu" and len(meta["sites"]) == 17
+    assert meta["format"] == "robustify-defense" and meta["defense"] == "pssilu" and len(meta["sites"]) == 17
     assert meta["training"]["freeze_backbone"] is True and meta["training"]["n_train"] == 4
     assert meta["model"]["spec"] == "aa-resnet18" and (tmp_path / "pssilu.safetensors.ckpt").is_file()
     model, info = robustify.load_model("aa-resnet18", pretrained=False)
