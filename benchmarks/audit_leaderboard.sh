@@ -30,5 +30,4 @@ for f in runs/defenses/*.safetensors; do
   kind=$(python -c "from robustify.train import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
   robustify audit "${MODEL[@]}" "${AUDIT_ARGS[@]}" --defense "$kind" --defense-weights "$f" --out "leaderboard/results/$(basename "$f" .safetensors)"
 done
-robustify leaderboard leaderboard/results --out leaderboard > /dev/null
-printf '\nReproduce with: `python benchmarks/train_defenses.py && bash benchmarks/leaderboard_cifar10.sh && bash benchmarks/audit_leaderboard.sh` (N=200, ALPHAS="%s"; the MeanSparse rows reuse one calibration file made by `robustify calibrate aa-resnet18 --weights ../shared/models/resnet18_at_relu.pt --data ../shared/data/cifar10_subset.npz --out runs/leaderboard_cifar10/calibration.safetensors --batch-size 256`). The per-example results behind every row are in `leaderboard/results/*/result.json`; `robustify leaderboard leaderboard/results --out leaderboard` rebuilds these tables and plots from them.\n' "$ALPHAS" >> leaderboard/leaderboard.md
+robustify leaderboard leaderboard/results --out leaderboard > /dev/null  # ends with leaderboard/results/REPRODUCE.md

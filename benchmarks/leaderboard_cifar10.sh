@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Leaderboard on the adversarially trained CIFAR-10 ResNet-18 of ../shared/models with the real
 # CIFAR-10 subset of ../shared/data: base model vs MeanSparse at several alphas, attacked with
-# APGD-CE, APGD-DLR, Square, BPDA-APGD (CE+DLR), the MeanSparse adaptive attack and a transfer attack.
+# APGD-CE, APGD-DLR, Square, BPDA-APGD (CE+DLR, and targeted: AutoAttack's 9 targets), the MeanSparse adaptive attack and a transfer attack.
 #
 # CPU budgets (cut from the published ones, stated in the table's `budgets` column): first 200 test
 # images, APGD 20 iterations (published: 100), Square 300 queries (published: 5000), adaptive attack 20
@@ -19,7 +19,7 @@ WEIGHTS=$SHARED/models/resnet18_at_relu.pt
 RUNS=${RUNS:-runs/leaderboard_cifar10}
 N=${N:-200}
 ALPHAS=${ALPHAS:-"0.1 0.2 0.3"}
-ATTACK_ARGS=(--attacks apgd-ce,apgd-dlr,square,bpda,adaptive,transfer --eps 8/255 --n-examples "$N"
+ATTACK_ARGS=(--attacks apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer --eps 8/255 --n-examples "$N"
              --apgd-iters 20 --square-queries 300 --adaptive-steps 20 --attack-batch-size 100 --no-progress)
 MODEL=(aa-resnet18 --weights "$WEIGHTS" --data "$DATA")
 
@@ -46,5 +46,6 @@ for d in "$RUNS"/results/*/; do
   [ -f "$d/result.json" ] || continue
   mkdir -p "leaderboard/results/$(basename "$d")" && cp "$d/result.json" "leaderboard/results/$(basename "$d")/"
 done
+# The commands behind the results, kept next to them: `robustify leaderboard` ends leaderboard.md with it.
+printf 'Reproduce with: `python benchmarks/train_defenses.py && bash benchmarks/leaderboard_cifar10.sh && bash benchmarks/audit_leaderboard.sh` (N=%s, ALPHAS="%s"; the MeanSparse rows reuse one calibration file made by `robustify calibrate aa-resnet18 --weights ../shared/models/resnet18_at_relu.pt --data ../shared/data/cifar10_subset.npz --out runs/leaderboard_cifar10/calibration.safetensors --batch-size 256`). The per-example results behind every row are in `leaderboard/results/*/result.json`; `robustify leaderboard leaderboard/results --out leaderboard` rebuilds these tables and plots from them.\n' "$N" "$ALPHAS" > leaderboard/results/REPRODUCE.md
 robustify leaderboard leaderboard/results --out leaderboard > /dev/null
-printf '\nReproduce with: `python benchmarks/train_defenses.py && bash benchmarks/leaderboard_cifar10.sh` (N=%s, ALPHAS="%s"). The per-example results behind every row are in `leaderboard/results/*/result.json`; `robustify leaderboard leaderboard/results --out leaderboard` rebuilds these tables and plots from them.\n' "$N" "$ALPHAS" >> leaderboard/leaderboard.md

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_table", "collect", "result_row", "write_leaderboard", "write_result_table"]
 
 EPS_MARGIN = 0.2  # percentage points
+REPRODUCE_FILE = "REPRODUCE.md"  # in a results directory: the commands that produced its results
 LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", "eps", "n_examples", "mode",
                 "clean_acc"]
 TAIL_COLUMNS = ["standard_acc", "autoattack_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets",
@@ -370,14 +371,22 @@ def write_result_table(result_dir: str | Path) -> pd.DataFrame:
     return df
 
 
+def _reproduce_note(results_root: str | Path) -> str:
+    """The text of ``<results_root>/REPRODUCE.md`` (how the results were made), or ""."""
+    path = Path(results_root) / REPRODUCE_FILE
+    return path.read_text().strip() if path.is_file() else ""
+
+
 def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:
     """Rebuild ``leaderboard.csv``, ``leaderboard.md``, ``index.html``, ``leaderboard.tex``, ``model_info/`` and
-    plots from results."""
+    plots from results. ``<results_root>/REPRODUCE.md``, if present (the commands that produced the
+    results), ends ``leaderboard.md``, so the tables rebuild byte-identically from their results."""
     out = Path(out_dir)
     df = build_table(collect(results_root))
     with atomic_path(out / "leaderboard.csv") as tmp:
         df.to_csv(tmp, index=False)
-    write_text(out / "leaderboard.md", "# robustify leaderboard\n\n" + to_markdown(df))
+    note = _reproduce_note(results_root)
+    write_text(out / "leaderboard.md", "# robustify leaderboard\n\n" + to_markdown(df) + (f"\n{note}\n" if note else ""))
     for _, row in df.iterrows():
         write_json(out / "model_info" / str(row["dataset"]) / str(row["threat_model"]) / f"{row['settings_id']}.json",
                    model_info(row))

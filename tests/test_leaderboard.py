@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -79,6 +80,18 @@ def test_rebuild_is_idempotent(results_dir, tmp_path):
     write_leaderboard(results_dir, tmp_path, plots=False)
     assert (tmp_path / "leaderboard.csv").read_bytes() == first
     assert len(pd.read_csv(tmp_path / "leaderboard.csv")) == 3
+
+
+def test_the_reproduce_note_of_the_results_ends_the_markdown(results_dir, tmp_path):
+    """The commands that made the results live next to them, so a rebuild keeps them (it dropped them)."""
+    results = tmp_path / "results"
+    shutil.copytree(results_dir, results)
+    write_leaderboard(results, tmp_path / "without", plots=False)
+    (results / "REPRODUCE.md").write_text("Reproduce with: `bash make_results.sh` (N=16).\n")
+    write_leaderboard(results, tmp_path / "with", plots=False)
+    without = (tmp_path / "without" / "leaderboard.md").read_text()
+    assert (tmp_path / "with" / "leaderboard.md").read_text() == without + "\nReproduce with: `bash make_results.sh` (N=16).\n"
+    assert "Reproduce with" not in without
 
 
 def _fake(n: int, per_example: dict, acc: dict, eps: float = 8 / 255, alpha: float = 0.2) -> dict:
