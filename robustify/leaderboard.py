@@ -328,7 +328,7 @@ def model_info(row: pd.Series) -> dict[str, Any]:
             + (f"no {', '.join(missing)}" if missing else "other budgets") + f"); attacks: {row['budgets']}")
     info: dict[str, Any] = {
         "link": "",
-        "name": f"{row['model']} + {row['defense']}" + (f" (alpha={row['alpha']})" if row["defense"] == "meansparse" else ""),
+        "name": f"{row['model']} + {row['defense']}" + (f" (alpha={row['alpha']})" if not pd.isna(row["alpha"]) else ""),
         "authors": "",
         "additional_data": False,
         "number_forward_passes": 1,

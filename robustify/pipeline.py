@@ -196,6 +196,14 @@ def _meansparse(job: EvaluationJob, model: nn.Module, info: ModelInfo) -> nn.Mod
     return model
 
 
+def _job_meansparse(job: EvaluationJob) -> MeanSparseConfig | None:
+    """The job's MeanSparse settings if its defense is the one they configure (its registered
+    config type is theirs), else None."""
+    if job.defense == "none" or defenses.get_defense(job.defense).config_type is not type(job.meansparse):
+        return None
+    return job.meansparse
+
+
 def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.Module | None]:
     """Load the model and apply the job's defense.
 
@@ -211,7 +219,7 @@ def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.M
                              pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
     if job.defense == "none":
         return model, info, None
-    if not defenses.get_defense(job.defense).trainable:  # MeanSparse: calibrated here (or loaded)
+    if _job_meansparse(job) is not None:  # MeanSparse: calibrated here (or loaded)
         return _meansparse(job, model, info), info, None
     if defense_weights is None:
         raise ValueError(f"--defense {job.defense} needs its trained parameters: --defense-weights FILE "
@@ -229,7 +237,7 @@ def _applied_meansparse(job: EvaluationJob, model: nn.Module) -> dict[str, Any] 
     alphas = {site: m.alpha for site, m in meansparse_modules(model).items()}
     if not alphas:
         return None
-    if job.defense == "meansparse":  # inserted with the job's placement (a file's is checked to match)
+    if _job_meansparse(job) is not None:  # inserted with the job's placement (a file's is checked to match)
         record, alpha = job.meansparse.to_dict(), job.meansparse.alpha
     else:  # MeanSparse that came with the model (RobustBench's published ones): the commonest alpha
         counts = Counter(alphas.values())
@@ -242,7 +250,7 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
     meta: dict[str, Any] = {
         "model": job.model,
         "defense": job.defense,
-        "alpha": job.meansparse.alpha if job.defense == "meansparse" else None,
+        "alpha": job.meansparse.alpha if _job_meansparse(job) is not None else None,
         "dataset": info.dataset,
         "data": job.data,
         "split": job.split,
