@@ -99,13 +99,21 @@ def _breaks(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, idx: 
     return broken, passes
 
 
+def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: Any) -> list[bool]:
+    """Whether the model classifies each example correctly (in batches of ``batch_size``)."""
+    return [bool(c) for chunk in _chunks(list(range(len(x))), batch_size)
+            for c in (_predict(model, x[chunk].to(device)).cpu() == y[chunk]).tolist()]
+
+
 def check_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig, audit: AuditConfig,
-                    device: Any = "cpu") -> dict[str, Any]:
-    """APGD-CE at an unbounded eps on the first examples: accuracy must fall to chance."""
+                    device: Any = "cpu", clean_correct: list[bool] | None = None) -> dict[str, Any]:
+    """APGD-CE at an unbounded eps on the first examples: accuracy must fall to chance
+    (``clean_correct``: the examples' clean correctness, if known)."""
     xs, ys = x[: audit.unbounded_examples], y[: audit.unbounded_examples]
     with torch.no_grad():
         n_classes = int(model(xs[:1].to(device)).shape[1])
-    correct = (_predict(model, xs.to(device)).cpu() == ys).nonzero().flatten().tolist()
+    known = clean_correct[: len(xs)] if clean_correct is not None else None
+    correct = [i for i, c in enumerate(known or _clean_correct(model, xs, ys, config.batch_size, device)) if c]
     cfg = replace(config, attacks=("apgd-ce",), eps=unbounded_eps(config.norm, xs), apgd_iters=audit.unbounded_iters,
                   apgd_restarts=1)
     broken, passes = _breaks(model, "apgd-ce", xs, ys, correct, cfg, device)
@@ -184,11 +192,13 @@ def gradient_census(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: t
 
 
 def check_census(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig, audit: AuditConfig,
-                 device: Any = "cpu") -> dict[str, Any]:
-    """:func:`gradient_census` on the first correctly classified examples and their APGD-CE points."""
+                 device: Any = "cpu", clean_correct: list[bool] | None = None) -> dict[str, Any]:
+    """:func:`gradient_census` on the first correctly classified examples and their APGD-CE points
+    (``clean_correct``: the examples' clean correctness, if known)."""
     if not meansparse_modules(model):
         return {"sites": {}, "flag": False}
-    correct = (_predict(model, x.to(device)).cpu() == y).nonzero().flatten()[: audit.census_examples]
+    known = clean_correct if clean_correct is not None else _clean_correct(model, x, y, config.batch_size, device)
+    correct = torch.tensor([i for i, c in enumerate(known) if c][: audit.census_examples], dtype=torch.long)
     xs, ys = x[correct].to(device), y[correct].to(device)
     if not len(xs):
         return {"sites": {}, "flag": False}
@@ -228,14 +238,15 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: Eval
 
 
 def _check_same_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
-                      device: Any) -> None:
-    """The audited model must classify the examples exactly as the evaluated one did."""
-    clean = torch.cat([(_predict(model, x[c].to(device)).cpu() == y[c]).long()
-                       for c in _chunks(list(range(len(x))), config.batch_size)])
-    differ = int((clean != torch.tensor(result.per_example["clean_correct"])).sum())
+                      device: Any) -> list[bool]:
+    """The audited model must classify the examples exactly as the evaluated one did; returns
+    their clean correctness."""
+    clean = _clean_correct(model, x, y, config.batch_size, device)
+    differ = sum(c != bool(e) for c, e in zip(clean, result.per_example["clean_correct"]))
     if differ:
         raise ValueError(f"the audited model or examples differ from the evaluated ones: clean predictions "
                          f"disagree on {differ} example(s)")
+    return clean
 
 
 FLAGS = {"unbounded": "fails-unbounded", "convergence": "not-converged", "census": "masked-gradients",
@@ -254,12 +265,12 @@ def run_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalRe
         raise ValueError(f"the audit needs the {result.n_examples} evaluated examples, got {x.shape[0]}")
     config = AttackConfig.from_dict(result.config)
     model.eval()
-    _check_same_model(model, x, y, result, config, device)
+    clean = _check_same_model(model, x, y, result, config, device)
     with _parameters_frozen(model):
         checks = {
-            "unbounded": check_unbounded(model, x, y, config, audit, device),
+            "unbounded": check_unbounded(model, x, y, config, audit, device, clean),
             "convergence": check_convergence(model, x, y, result, config, audit, device),
-            "census": check_census(model, x, y, config, audit, device),
+            "census": check_census(model, x, y, config, audit, device, clean),
             "noise": check_noise(model, x, y, result, config, audit, device),
         }
     flags = [FLAGS[name] for name, check in checks.items() if check.get("flag")]
