@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .errors import InsertionError
-from .sites import _SE_CLASS, _parameter_sharing_copy, is_activation
+from .sites import _SE_CLASS, _owner_classes, _parameter_sharing_copy, is_activation
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def _ra_wrn_imagenet(model: nn.Module, root: str) -> Placement:
         parts = rel.split(".")
         if type(module) not in (nn.ReLU, nn.SiLU) or parts[-1] == "last_activation":
             continue
-        if "se" in parts or any(_SE_CLASS.match(_class_name(model.get_submodule(_join(root, ".".join(parts[:i])))))
-                                for i in range(1, len(parts))):
+        if "se" in parts or any(_SE_CLASS.match(c) for c in _owner_classes(model, path)):
             continue
         activations[path] = 1
     return Placement(activations, {})
