@@ -29,14 +29,14 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import format_eps, parse_eps
+from .config import SerializableConfig, format_eps, parse_eps
 from .meansparse import bpda, defenses_disabled, meansparse_modules, soft_bpda
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def autoattack_budgets(norm: str) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(SerializableConfig):
     """Threat model, attack list and budgets. Defaults are the published ones.
 
     ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
@@ -159,16 +159,6 @@ class AttackConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not math.isfinite(self.adaptive_lambda) or self.adaptive_lambda < 0:
             raise ValueError(f"adaptive_lambda must be >= 0, got {self.adaptive_lambda!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["attacks"] = list(self.attacks)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AttackConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "attacks" else v) for k, v in data.items() if k in names})
 
     def budget_for(self, attack: str) -> dict[str, Any]:
         """The budget settings that affect ``attack`` (recorded in results)."""

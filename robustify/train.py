@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 from . import defenses
 from .activations import PSSiLU
 from .attacks import evaluate_pgd, pgd  # the one PGD (training's attack), re-exported here
+from .config import SerializableConfig
 from .errors import StateMismatchError
 from .io import atomic_path
 from .sparta import read_sidecar
@@ -76,7 +77,7 @@ CHECKPOINT_FORMAT = "robustify-train-checkpoint"
 # configuration
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SerializableConfig):
     """Adversarial-training settings (see the module doc for where the defaults come from).
 
     Attributes:
@@ -133,16 +134,6 @@ class TrainConfig:
         if self.weight_decay < 0 or self.beta_l1 < 0 or self.beta_clip < 0:
             raise ValueError("weight_decay, beta_l1 and beta_clip must be >= 0")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
