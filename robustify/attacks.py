@@ -116,6 +116,29 @@ class AttackConfig(SerializableConfig):
     Square (None: these, :func:`autoattack_budgets`). The adaptive attack uses 50 steps
     (MeanSparse paper, A.4); its lambda and step size were not published (we default to
     lambda=1 and a step of 2.5*eps/steps).
+
+    Attributes:
+        attacks: the attacks (comma-separated on the command line): apgd-ce, apgd-dlr, apgd-t, fab-t,
+            square, autoattack, bpda (bpda-apgd-ce + bpda-apgd-dlr), bpda-apgd-t, bpda-fab-t,
+            bpda-autoattack, soft-bpda, adaptive, pgd, transfer.
+        norm: the threat model: Linf, L2 or L1.
+        dataset: whose RobustBench eps is the default.
+        eps: perturbation budget: a float or a fraction like 8/255 (None: RobustBench's for the
+            dataset and norm: CIFAR Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255).
+        seed: seeds the attacks' random starts and queries.
+        batch_size: examples per attack batch.
+        individual: run every attack on every correctly classified example (else only on the
+            examples no earlier attack broke).
+        apgd_iters: APGD-CE/DLR iterations (also of their BPDA versions and the transfer attack).
+        apgd_restarts: APGD-CE/DLR restarts (None: AutoAttack's for the norm, 1; 5 for L1).
+        apgd_t_iters: APGD-T iterations.
+        apgd_t_targets: APGD-T target classes (None: AutoAttack's for the norm, 9; 5 for L1).
+        fab_iters: FAB-T iterations.
+        fab_targets: FAB-T target classes.
+        square_queries: Square's query budget.
+        adaptive_steps: steps of the adaptive attack.
+        adaptive_lambda: the adaptive attack's lambda.
+        adaptive_step_size: the adaptive attack's step size (None: 2.5*eps/steps).
     """
 
     VERSION: ClassVar[int] = 1

@@ -51,7 +51,19 @@ __all__ = ["AuditConfig", "audit_job", "audit_result_file", "gradient_census", "
 
 @dataclass(frozen=True)
 class AuditConfig(SerializableConfig):
-    """Budgets and thresholds of the sanity suite (each stated in the results)."""
+    """Budgets and thresholds of the sanity suite (each stated in the results).
+
+    Attributes:
+        unbounded_examples: examples attacked at an unbounded eps.
+        unbounded_iters: APGD-CE iterations of the unbounded check.
+        convergence_factor: the convergence rerun's iterations and restarts, as multiples of the evaluation's.
+        convergence_tolerance: share of all examples the convergence rerun may newly break (AutoAttack's
+            0.2-point margin).
+        census_examples: examples of the gradient census.
+        masked_share: a site's largest allowed share of units inside the zero-gradient band.
+        noise_draws: uniform random points drawn in the eps ball of each unbroken example.
+        noise_tolerance: share of all examples random noise may break (AutoAttack's 0.2-point margin).
+    """
 
     unbounded_examples: int = 64
     unbounded_iters: int = 20

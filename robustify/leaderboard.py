@@ -106,8 +106,8 @@ def _budgets(cfg: AttackConfig, attacks: list[str]) -> str:
 def settings_id(result: dict[str, Any]) -> str:
     """The row identity of a result: a hash of its meta (less its start time), attack config and size."""
     identity = {k: v for k, v in result.get("meta", {}).items() if k not in ("started",)}
-    key = json.dumps({"meta": identity, "config": untagged(result["config"]), "n": result["n_examples"]}, sort_keys=True,
-                     default=str)
+    key = json.dumps({"meta": identity, "config": untagged(result["config"]), "n": result["n_examples"]},
+                     sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

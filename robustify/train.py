@@ -83,11 +83,19 @@ class TrainConfig(SerializableConfig):
     Attributes:
         epochs: passes over the training data.
         batch_size: examples per step.
-        lr, momentum, nesterov, weight_decay: SGD.
+        lr: SGD's learning rate.
+        momentum: SGD's momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: SGD's weight decay.
         schedule: ``"step"`` (x ``gamma`` at each of ``milestones``), ``"cosine"`` (to 0
             over ``epochs``) or ``"constant"``.
-        eps, attack_steps, step_size, random_start, targeted: the L-inf PGD training attack
-            (targeted: towards a random wrong class per example).
+        milestones: epochs where the step schedule multiplies lr by ``gamma``.
+        gamma: the step schedule's factor.
+        eps: L-inf radius of the PGD training attack (a float or a fraction like 8/255).
+        attack_steps: PGD steps (0: clean training; 1 with step size 1.25*eps: FGSM-RS).
+        step_size: PGD step (a float or a fraction like 2/255).
+        random_start: start PGD at a random point of the eps ball.
+        targeted: attack towards a random wrong class per example (the Sparta paper).
         freeze_backbone: train only the inserted parameters (model kept in eval mode).
         augment: random crop (reflect pad 4) and horizontal flip.
         train_bn: with ``freeze_backbone=False``, let BatchNorm update its statistics
