@@ -137,3 +137,26 @@ def test_a_journal_written_before_the_tags_resumes(tmp_path) -> None:
     old.close()
     resumed = Journal(tmp_path, {"config": config, "meta": {}, "n_examples": 2}, writer=False)
     assert resumed.get("apgd-ce", 0, [0, 1]) is not None
+
+
+#: hand-written flags spelled like a generated one, and why
+HAND_WRITTEN = {
+    "--norm": "default derived from --threat-model",
+    "--freeze-backbone": "default derived from the defense",
+    "--include": "train: Sparta / activation-swap placement (their configs' flags)",
+    "--exclude": "train: Sparta / activation-swap placement (their configs' flags)",
+    "--defense": "inspect, train: a choice among the registered defenses",
+    "--out": "calibrate, train, leaderboard: a file or directory to write",
+    "--progress": "train: tqdm bars of the training loop",
+}
+
+
+def test_no_config_setting_is_copied_by_a_hand_written_flag() -> None:
+    commands = _subparsers(build_parser())
+    generated = {flag for parser in commands.values() for a in _generated(parser) for flag in a.option_strings[:1]}
+    for command, parser in commands.items():
+        for action in parser._actions:
+            if hasattr(action, CONFIG_FIELD):
+                continue
+            copied = set(action.option_strings[:1]) & generated
+            assert copied <= set(HAND_WRITTEN), f"{command}: {sorted(copied)} written by hand"
