@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from ..attacks import AttackConfig, threat_norm
 from ..audit import AuditConfig, audit_job
 from ..config import MeanSparseConfig, format_eps
 from ..data import load_model_data, to_tensors
+from ..fast import PRECISIONS
 from ..leaderboard import to_markdown, write_leaderboard, write_result_table
 from ..meansparse import set_alpha
 from ..models import load_model
@@ -48,14 +51,14 @@ ATTACK_FLAGS = ConfigFlags(
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",
                     "progress", "compile", "precision"),
-    choices={"precision": ("float32", "bfloat16", "float16")})
+    choices={"precision": tuple(PRECISIONS)})
 AUDIT_FLAGS = ConfigFlags(AuditConfig, field_names(AuditConfig), prefix="audit-")
 RUN_FLAGS = {"job": ConfigFlags(EvaluationJob, ("model", "data", "n_examples", "n_calib", "out")),
              "attack": ConfigFlags(AttackConfig, ("eps", "apgd_iters")),
              "meansparse": ConfigFlags(MeanSparseConfig, ("alpha",))}
 
 
-def add_attack_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+def add_attack_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     g = p.add_argument_group("attacks")
     ATTACK_FLAGS.add(g, {"attacks": DEFAULT_ATTACKS, **(defaults or {})})
     g.add_argument("--norm", default=None, help="Linf, L2 or L1 (default: the --threat-model)")
@@ -66,7 +69,7 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
                         **ATTACK_FLAGS.values(args))
 
 
-def _add_job_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+def _add_job_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     add_model_args(p)
     add_meansparse_args(p)
     DATA_FLAGS.add(p, defaults)
@@ -94,7 +97,7 @@ def audit_config(args: argparse.Namespace) -> AuditConfig:
     return AuditConfig(**AUDIT_FLAGS.values(args))
 
 
-def _print_audit(entry) -> None:  # type: ignore[no-untyped-def]
+def _print_audit(entry: dict[str, Any]) -> None:
     u, c, n = entry["unbounded"], entry["convergence"], entry["noise"]
     print(f"audit: unbounded APGD {100 * u['acc']:.2f}% (chance {100 * u['chance']:.2f}%); "
           f"convergence rerun of {c.get('attack')} broke {c.get('newly_broken', 0)} more; "
