@@ -39,7 +39,7 @@ import robustify as rb
 from robustify.attacks import AttackConfig, make_autoattack
 from robustify.cost import PassCounter
 from robustify.evaluate import evaluate
-from robustify.evaluate_cli import DEFAULT_ATTACKS
+from robustify.cli.evaluate import DEFAULT_ATTACKS
 from robustify.io import atomic_path
 from robustify.pipeline import _applicable
 

@@ -29,14 +29,14 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import format_eps, parse_eps
+from .config import SerializableConfig, format_eps, parse_eps
 from .meansparse import bpda, defenses_disabled, meansparse_modules, soft_bpda
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def autoattack_budgets(norm: str) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(SerializableConfig):
     """Threat model, attack list and budgets. Defaults are the published ones.
 
     ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
@@ -116,6 +116,29 @@ class AttackConfig:
     Square (None: these, :func:`autoattack_budgets`). The adaptive attack uses 50 steps
     (MeanSparse paper, A.4); its lambda and step size were not published (we default to
     lambda=1 and a step of 2.5*eps/steps).
+
+    Attributes:
+        attacks: the attacks (comma-separated on the command line): apgd-ce, apgd-dlr, apgd-t, fab-t,
+            square, autoattack, bpda (bpda-apgd-ce + bpda-apgd-dlr), bpda-apgd-t, bpda-fab-t,
+            bpda-autoattack, soft-bpda, adaptive, pgd, transfer.
+        norm: the threat model: Linf, L2 or L1.
+        dataset: whose RobustBench eps is the default.
+        eps: perturbation budget: a float or a fraction like 8/255 (None: RobustBench's for the
+            dataset and norm: CIFAR Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255).
+        seed: seeds the attacks' random starts and queries.
+        batch_size: examples per attack batch.
+        individual: run every attack on every correctly classified example (else only on the
+            examples no earlier attack broke).
+        apgd_iters: APGD-CE/DLR iterations (also of their BPDA versions and the transfer attack).
+        apgd_restarts: APGD-CE/DLR restarts (None: AutoAttack's for the norm, 1; 5 for L1).
+        apgd_t_iters: APGD-T iterations.
+        apgd_t_targets: APGD-T target classes (None: AutoAttack's for the norm, 9; 5 for L1).
+        fab_iters: FAB-T iterations.
+        fab_targets: FAB-T target classes.
+        square_queries: Square's query budget.
+        adaptive_steps: steps of the adaptive attack.
+        adaptive_lambda: the adaptive attack's lambda.
+        adaptive_step_size: the adaptive attack's step size (None: 2.5*eps/steps).
     """
 
     VERSION: ClassVar[int] = 1
@@ -159,16 +182,6 @@ class AttackConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not math.isfinite(self.adaptive_lambda) or self.adaptive_lambda < 0:
             raise ValueError(f"adaptive_lambda must be >= 0, got {self.adaptive_lambda!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["attacks"] = list(self.attacks)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AttackConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "attacks" else v) for k, v in data.items() if k in names})
 
     def budget_for(self, attack: str) -> dict[str, Any]:
         """The budget settings that affect ``attack`` (recorded in results)."""

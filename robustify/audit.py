@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch import nn
 
 from .attacks import BLACK_BOX, AttackConfig, _capture_site_inputs, build_attack
 from .evaluate import _attack_batch, _chunks, _parameters_frozen, _predict
+from .config import SerializableConfig
 from .io import write_json
 from .meansparse import bpda, meansparse_modules
 from .results import AUDIT_MARGIN, RESULT_FILE, EvalResult, read_result_file
@@ -49,8 +50,20 @@ __all__ = ["AuditConfig", "audit_job", "audit_result_file", "gradient_census", "
 
 
 @dataclass(frozen=True)
-class AuditConfig:
-    """Budgets and thresholds of the sanity suite (each stated in the results)."""
+class AuditConfig(SerializableConfig):
+    """Budgets and thresholds of the sanity suite (each stated in the results).
+
+    Attributes:
+        unbounded_examples: examples attacked at an unbounded eps.
+        unbounded_iters: APGD-CE iterations of the unbounded check.
+        convergence_factor: the convergence rerun's iterations and restarts, as multiples of the evaluation's.
+        convergence_tolerance: share of all examples the convergence rerun may newly break (AutoAttack's
+            0.2-point margin).
+        census_examples: examples of the gradient census.
+        masked_share: a site's largest allowed share of units inside the zero-gradient band.
+        noise_draws: uniform random points drawn in the eps ball of each unbroken example.
+        noise_tolerance: share of all examples random noise may break (AutoAttack's 0.2-point margin).
+    """
 
     unbounded_examples: int = 64
     unbounded_iters: int = 20
@@ -70,9 +83,6 @@ class AuditConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ValueError(f"{name} must be a share in [0, 1], got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _gradient_attacks(attacks: list[str]) -> list[str]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["MeanSparseConfig", "SerializableConfig", "check_alpha", "format_eps", "parse_eps", "parse_site_alpha"]
+__all__ = ["TAG_KEYS", "MeanSparseConfig", "SerializableConfig", "check_alpha", "format_eps", "parse_eps",
+           "parse_site_alpha", "untagged"]
 
 
 def check_alpha(value: Any, what: str = "alpha") -> float:
@@ -34,27 +37,61 @@ def parse_site_alpha(text: str) -> dict[str, float]:
     return result
 
 
-class SerializableConfig:
-    """``to_dict``/``from_dict`` for frozen dataclass configs (torchao-style ``_type``/``_version``).
+#: the keys :meth:`SerializableConfig.to_dict` adds to the fields; identities (settings ids,
+#: journal headers, budgets compared between results) leave them out, as dicts written before them had none
+TAG_KEYS = ("_type", "_version")
 
-    Tuples become lists and mappings dicts in ``to_dict``; ``from_dict`` refuses another
-    ``VERSION`` and ignores unknown keys (``__post_init__`` restores the tuple fields).
+
+def untagged(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` without the ``_type``/``_version`` tags: the settings alone."""
+    return {k: v for k, v in data.items() if k not in TAG_KEYS}
+
+
+class SerializableConfig:
+    """``to_dict``/``from_dict`` for dataclass configs (torchao-style ``_type``/``_version``).
+
+    ``to_dict``: tuples become lists, mappings dicts and nested configs their own tagged dicts.
+    ``from_dict`` refuses another ``VERSION``, ignores unknown keys, accepts a dict written
+    without the tags (older files), and restores each field from its annotation: tuples from
+    lists, nested configs from their dicts.
     """
 
     VERSION: ClassVar[int] = 1
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
-             for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        d = asdict(self)  # type: ignore[call-overload]
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, SerializableConfig):
+                d[f.name] = value.to_dict()
+            elif isinstance(value, tuple):
+                d[f.name] = list(d[f.name])
+            elif isinstance(value, Mapping):
+                d[f.name] = dict(d[f.name])
         return {"_type": type(self).__name__, "_version": self.VERSION, **d}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
         version = data.get("_version", cls.VERSION)
         if version != cls.VERSION:
             raise ValueError(f"{cls.__name__} version {version} is not supported (expected {cls.VERSION})")
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _restore(hints[f.name], data[f.name])
+                      for f in fields(cls) if f.name in data})  # type: ignore[arg-type]
+
+
+def _restore(annotation: Any, value: Any) -> Any:
+    """``value`` read from JSON as the field type ``annotation`` wants it (tuple, nested config)."""
+    if value is None:
+        return None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _restore(options[0], value) if len(options) == 1 else value
+    if isinstance(annotation, type) and issubclass(annotation, SerializableConfig) and isinstance(value, Mapping):
+        return annotation.from_dict(value)
+    if typing.get_origin(annotation) is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .config import untagged
 from .errors import EvaluationLockedError, JournalMismatchError
 
 logger = logging.getLogger(__name__)
@@ -78,9 +79,9 @@ class Journal:
                 raise JournalMismatchError(f"{self.path} is corrupted at line {i + 1}") from None
         if not parsed or parsed[0].get("kind") != "header":
             raise JournalMismatchError(f"{self.path} has no header: not a robustify journal")
-        saved = {k: v for k, v in parsed[0].items() if k != "kind"}
-        if saved != json.loads(json.dumps(header)):
-            diff = sorted(k for k in set(saved) | set(header) if saved.get(k) != json.loads(json.dumps(header)).get(k))
+        saved, wanted = _identity({k: v for k, v in parsed[0].items() if k != "kind"}), _identity(header)
+        if saved != wanted:
+            diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise JournalMismatchError(
                 f"{self.path.parent} holds a different evaluation (differs in {diff}); "
                 "use another --out directory or delete it"
@@ -110,6 +111,15 @@ class Journal:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _identity(header: dict[str, Any]) -> dict[str, Any]:
+    """The header as compared on resume (JSON round-tripped; the config without its ``_type``/``_version``
+    tags, which journals written before them lack)."""
+    identity = json.loads(json.dumps(header))
+    if isinstance(identity.get("config"), dict):
+        identity["config"] = untagged(identity["config"])
+    return identity
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from .attacks import ATTACKS, AUTOATTACK_SUITE, STANDARD, AttackConfig, autoattack_gaps
-from .config import format_eps
+from .config import format_eps, untagged
 from .io import atomic_path, write_json, write_text
 from .page import write_latex, write_page
 from .significance import LEVEL, ci_text, find_base, paired_comparison, robust_mask
@@ -107,8 +107,8 @@ def _budgets(cfg: AttackConfig, attacks: list[str]) -> str:
 def settings_id(result: dict[str, Any]) -> str:
     """The row identity of a result: a hash of its meta (less its start time), attack config and size."""
     identity = {k: v for k, v in result.get("meta", {}).items() if k not in ("started",)}
-    key = json.dumps({"meta": identity, "config": result["config"], "n": result["n_examples"]}, sort_keys=True,
-                     default=str)
+    key = json.dumps({"meta": identity, "config": untagged(result["config"]), "n": result["n_examples"]},
+                     sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from . import defenses, distributed
 from .attacks import AttackConfig, threat_norm
 from .calibrate import calibrate
-from .config import MeanSparseConfig
+from .config import MeanSparseConfig, SerializableConfig
 from .data import check_image_size, load_model_data, loader, reads_image_files, to_tensors
 from .evaluate import evaluate
 from .fast import PRECISIONS, for_evaluation
@@ -41,8 +41,36 @@ CALIBRATION_FILE = "calibration.safetensors"
 
 
 @dataclass
-class EvaluationJob:
-    """Everything one evaluation needs; the CLI fills it from flags."""
+class EvaluationJob(SerializableConfig):
+    """Everything one evaluation needs; the CLI's flags are made from these fields (and their help from here).
+
+    Attributes:
+        model: robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function.
+        defense: none, or a registered defense (:func:`robustify.defenses.defense_names`).
+        data: cifar10, cifar100, imagenet:DIR, folder:DIR or a .npz file (x_train, y_train, x_test, y_test).
+        dataset: cifar10, cifar100 or imagenet (the model's leaderboard).
+        threat_model: the model's leaderboard threat model: Linf, L2 or corruptions.
+        weights: local checkpoint (safetensors or weights-only PyTorch file).
+        defense_weights: MeanSparse calibration file, or trained defense parameters from
+            ``robustify train`` (a weights file with a robustify sidecar is taken as this too).
+        pretrained: download pretrained weights (unless a weights file is given).
+        cache_dir: where downloads are cached (None: $ROBUSTIFY_CACHE or ~/.cache/robustify).
+        device: torch device.
+        n_examples: the first N examples of the split are evaluated.
+        split: test, or holdout (the held-out training examples).
+        holdout: training examples held out from calibration (for choosing alpha).
+        n_calib: calibrate on N training examples only (the first; class-spread on an image folder).
+        calib_batch_size: calibration batch size (None: 256, or the published 512 with stats mode official).
+        workers: data-loading processes (None: one per CPU, at most 8, for image folders; 0 for tensors).
+        meansparse: MeanSparse placement and thresholds (by default alpha 0.2, for the CLI too).
+        attack: threat model, attacks and budgets (None: the defaults for the job's dataset and threat model).
+        out: results directory (resumable: rerun the same job to resume).
+        leaderboard_dir: rebuild this leaderboard from every result next to ``out`` when done.
+        progress: show progress bars.
+        compile: attack the torch.compile'd model (MeanSparse fused into ReLU): about a minute of
+            compilation, then ~1.5x faster on CPU (benchmarks/results/compiled_eval.csv).
+        precision: autocast the attacked model: float32, bfloat16 or float16 (MeanSparse statistics stay float32).
+    """
 
     model: str
     defense: str = "none"
@@ -60,7 +88,7 @@ class EvaluationJob:
     n_calib: int | None = None
     calib_batch_size: int | None = None  # None: MeanSparseConfig.calibration_batch_size()
     workers: int | None = None  # data-loading processes; None: one per CPU (max 8) for image files, 0 for tensors
-    meansparse: MeanSparseConfig = field(default_factory=MeanSparseConfig)
+    meansparse: MeanSparseConfig = field(default_factory=lambda: MeanSparseConfig(alpha=0.2))
     attack: AttackConfig | None = None  # None: the defaults for the job's dataset and threat model
     out: str = "runs/eval"
     leaderboard_dir: str | None = None

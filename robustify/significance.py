@@ -22,6 +22,8 @@ from typing import Any
 
 from scipy.stats import binomtest
 
+from .config import untagged
+
 __all__ = [
     "CONFIDENCE",
     "LEVEL",
@@ -109,7 +111,7 @@ def _requested(result: dict[str, Any]) -> set[str]:
 
 
 def _budget(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result["config"].items() if k != "attacks"}
+    return {k: v for k, v in untagged(result["config"]).items() if k != "attacks"}
 
 
 def same_examples(a: dict[str, Any], b: dict[str, Any]) -> str | None:

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 from . import defenses
 from .activations import PSSiLU
 from .attacks import evaluate_pgd, pgd  # the one PGD (training's attack), re-exported here
+from .config import SerializableConfig
 from .defense_file import read_sidecar
 from .errors import StateMismatchError
 from .io import atomic_path
@@ -76,17 +77,25 @@ CHECKPOINT_FORMAT = "robustify-train-checkpoint"
 # configuration
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SerializableConfig):
     """Adversarial-training settings (see the module doc for where the defaults come from).
 
     Attributes:
         epochs: passes over the training data.
         batch_size: examples per step.
-        lr, momentum, nesterov, weight_decay: SGD.
+        lr: SGD's learning rate.
+        momentum: SGD's momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: SGD's weight decay.
         schedule: ``"step"`` (x ``gamma`` at each of ``milestones``), ``"cosine"`` (to 0
             over ``epochs``) or ``"constant"``.
-        eps, attack_steps, step_size, random_start, targeted: the L-inf PGD training attack
-            (targeted: towards a random wrong class per example).
+        milestones: epochs where the step schedule multiplies lr by ``gamma``.
+        gamma: the step schedule's factor.
+        eps: L-inf radius of the PGD training attack (a float or a fraction like 8/255).
+        attack_steps: PGD steps (0: clean training; 1 with step size 1.25*eps: FGSM-RS).
+        step_size: PGD step (a float or a fraction like 2/255).
+        random_start: start PGD at a random point of the eps ball.
+        targeted: attack towards a random wrong class per example (the Sparta paper).
         freeze_backbone: train only the inserted parameters (model kept in eval mode).
         augment: random crop (reflect pad 4) and horizontal flip.
         train_bn: with ``freeze_backbone=False``, let BatchNorm update its statistics
@@ -133,16 +142,6 @@ class TrainConfig:
         if self.weight_decay < 0 or self.beta_l1 < 0 or self.beta_clip < 0:
             raise ValueError("weight_decay, beta_l1 and beta_clip must be >= 0")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return {"_type": type(self).__name__, "_version": self.VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass

@@ -37,7 +37,7 @@ def defended(images):
 
 
 def _parse(*argv: str):  # type: ignore[no-untyped-def]
-    from robustify.evaluate_cli import job_from_args
+    from robustify.cli.evaluate import job_from_args
 
     return job_from_args(build_parser().parse_args(["evaluate", "tinynets:tiny_cnn", "--out", "unused", *argv]))
 

@@ -99,5 +99,5 @@ def test_inspect_builds_the_architecture_only(hf_cache: Path, capsys: pytest.Cap
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["pretrained"] is False and [s["name"] for s in out["sites"]] == blocks
     assert main(["inspect", f"timm:{TINY}", "--dataset", "imagenet", "--defense", "gelu", "--replace", "GELU",
-                 "--json"]) == 0  # train_cli's inspect (activation-swap plan) too
+                 "--json"]) == 0  # inspect of an activation-swap plan too
     assert [s["name"] for s in json.loads(capsys.readouterr().out)["sites"]] == blocks

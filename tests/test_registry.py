@@ -15,8 +15,8 @@ import torch
 import robustify as rb
 from robustify import defenses
 from robustify.cli import main
-from robustify import train_cli  # noqa: F401 - registers the "train" command
-from robustify.cli_common import COMMANDS
+from robustify.cli import train  # noqa: F401 - registers the "train" command
+from robustify.cli.common import COMMANDS
 from robustify.pipeline import EvaluationJob, run_evaluation
 from robustify.smoothrelu import SmoothReLU, SmoothReLUConfig
 from robustify.train import TrainConfig, defense_kind, load_defense, save_defense, train_defense

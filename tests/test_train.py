@@ -101,7 +101,7 @@ def adv_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def test_defense_names_match_the_cli() -> None:
-    from robustify.train_cli import _DEFENSES
+    from robustify.cli.train import _DEFENSES
 
     assert _DEFENSES == DEFENSES
 

@@ -9,15 +9,25 @@ import json
 import logging
 from typing import Any
 
-from .cli_common import add_data_args, add_model_args, load_model_from_args, register_command
-from .config import parse_eps
-from .defenses import applied_config, defense_names, get_defense
+import torch
+
+from ..config import parse_eps
+from ..data import load_model_data, to_tensors
+from ..defenses import applied_config, defense_names, get_defense
+from ..sparta import load_sparta
+from ..train import SCHEDULES, TrainConfig, apply_defense, defense_config, evaluate_pgd, save_defense, train_defense
+from .common import DATA_FLAGS, add_model_args, load_model_from_args, register_command
+from .flags import ConfigFlags, field_names
 
 logger = logging.getLogger("robustify")
 
 __all__: list[str] = []
 
 _DEFENSES = defense_names(trainable=True)  # as registered at import (the parser reads the registry)
+#: every training setting but ``freeze_backbone``, whose default depends on the defense (see _frozen_default)
+TRAIN_FLAGS = ConfigFlags(TrainConfig, field_names(TrainConfig, exclude=("freeze_backbone",)),
+                          parse={"eps": parse_eps, "step_size": parse_eps},
+                          choices={"schedule": SCHEDULES})
 
 
 def _add_defense_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +59,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", required=True, choices=defense_names(trainable=True),
                    help="what to insert or swap in")
     add_model_args(p)
-    add_data_args(p)
+    DATA_FLAGS.add(p)
     p.add_argument("--n-train", type=int, default=None, help="train on the first N training examples only")
     p.add_argument("--out", required=True, help="defense file to write (.safetensors, + .json sidecar)")
     p.add_argument("--checkpoint", default=None, help="per-epoch checkpoint (default: OUT.ckpt)")
@@ -59,25 +69,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="pretrained Sparta file to insert frozen (training then updates the backbone only)")
     _add_defense_args(p)
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--schedule", choices=["step", "cosine", "constant"], default="step")
-    t.add_argument("--milestones", type=int, nargs="*", default=[30, 60], help="epochs where lr is multiplied by gamma")
-    t.add_argument("--gamma", type=float, default=0.1)
-    t.add_argument("--eps", default="8/255", help="L-inf radius of the training attack")
-    t.add_argument("--attack-steps", type=int, default=10, help="PGD steps (1 with --step-size 1.25*eps = FGSM-RS)")
-    t.add_argument("--step-size", default="2/255")
-    t.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True)
-    t.add_argument("--targeted", action="store_true", help="attack towards random wrong classes (the Sparta paper)")
+    TRAIN_FLAGS.add(t)
     t.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None,
                    help="train only the inserted parameters (default: yes, except for fixed activations "
                         "such as silu, which have none, and with --transfer)")
-    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
-    t.add_argument("--beta-l1", type=float, default=0.0, help="PSSiLU |beta| penalty (PAF_AT: 10)")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     t.add_argument("--eval-n", type=int, default=0, help="afterwards, clean and PGD-10 accuracy on the first N test images")
 
@@ -92,22 +87,10 @@ def _frozen_default(args: argparse.Namespace) -> bool:
 
 @register_command("train", "insert Sparta or swap activations, train adversarially, save the defense", _train_args)
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_model_data, to_tensors
-    from .sparta import load_sparta
-    from .train import TrainConfig, apply_defense, defense_config, evaluate_pgd, save_defense, train_defense
-
     frozen = _frozen_default(args)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
-        eps=parse_eps(args.eps), attack_steps=args.attack_steps, step_size=parse_eps(args.step_size),
-        random_start=args.random_start, targeted=args.targeted, freeze_backbone=frozen, augment=args.augment,
-        beta_l1=args.beta_l1, seed=args.seed,
-    )
+    config = TrainConfig(**TRAIN_FLAGS.values(args), freeze_backbone=frozen)
     model, info = load_model_from_args(args)
     example = info.example_input(device=args.device)
-    import torch
-
     torch.manual_seed(args.seed)  # the inserted modules' initial weights
     if args.transfer:
         if not args.defense.startswith("sparta"):

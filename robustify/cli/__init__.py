@@ -1,0 +1,62 @@
+"""The ``robustify`` command line: a thin layer over the public Python API.
+
+Every command parses its flags, calls the same functions users call from Python, and
+reports errors in one line (``--debug`` shows the traceback). Commands live in small
+``_cmd_*`` functions registered in :data:`COMMANDS` by their modules (:mod:`.calibrate`: inspect,
+calibrate; :mod:`.evaluate`: evaluate, audit, sweep, leaderboard, run; :mod:`.train`: train),
+each importing the library modules it calls; their config flags are made by :mod:`.flags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .. import distributed
+from ..errors import first_line
+from . import calibrate, evaluate, train  # noqa: F401 - they register their commands, in --help's order
+from .common import COMMANDS, register_command
+
+logger = logging.getLogger("robustify")
+
+__all__ = ["COMMANDS", "build_parser", "main", "register_command"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustify", description=__doc__.splitlines()[0])
+    _add_global_flags(parser, debug=False, verbose=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # after the command too; SUPPRESS keeps its parser from resetting what came before it
+        _add_global_flags(p, debug=argparse.SUPPRESS, verbose=argparse.SUPPRESS)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def _add_global_flags(p: argparse.ArgumentParser, debug: Any, verbose: Any) -> None:
+    p.add_argument("--debug", action="store_true", default=debug, help="show tracebacks")
+    p.add_argument("-v", "--verbose", action="count", default=verbose, help="more log output (-vv: debug)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("auto-attack").setLevel(logging.WARNING if args.verbose < 2 else logging.DEBUG)
+    try:
+        distributed.init_from_env()  # under torchrun: join the process group (gloo on CPU)
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("robustify: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports every error in one line
+        if args.debug:
+            raise
+        print(f"robustify: error: {first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
