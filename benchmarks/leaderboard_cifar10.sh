@@ -6,6 +6,7 @@
 # CPU budgets (cut from the published ones, stated in the table's `budgets` column): first 200 test
 # images, APGD 20 iterations (published: 100), Square 300 queries (published: 5000), adaptive attack 20
 # steps (published: 50). Attacks run in sequence on the still-unbroken examples (AutoAttack's convention).
+# BPDA-APGD-T keeps AutoAttack's APGD-T budget (100 iterations, 9 targets: --apgd-iters does not cut it).
 # Every step is resumable: rerun this script after an interruption and it continues.
 #
 # Reproduce (from the repository root; a few hours on 2 busy CPU cores):
