@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import SerializableConfig
 from .defense_file import read_defense_file, write_defense_file
-from .defenses import DefenseHandler, applied_sites, record_config, register_defense
+from .defenses import DefenseHandler, applied_config, applied_sites, record_config, register_defense
 from .errors import InsertionError, StateMismatchError
 from .sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
 
@@ -247,7 +247,7 @@ def save_activations(
     sites: list[Site] = applied_sites(model)
     if not sites:
         raise ValueError("the model has no swapped activations to save (use swap_activations first)")
-    config = model.robustify_defense
+    config = applied_config(model)
     tensors: dict[str, torch.Tensor] = {}
     for site in sites:
         module = model.get_submodule(site.name)

@@ -122,8 +122,9 @@ def check_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: 
     xs, ys = x[: audit.unbounded_examples], y[: audit.unbounded_examples]
     with torch.no_grad():
         n_classes = int(model(xs[:1].to(device)).shape[1])
-    known = clean_correct[: len(xs)] if clean_correct is not None else None
-    correct = [i for i, c in enumerate(known or _clean_correct(model, xs, ys, config.batch_size, device)) if c]
+    known = (clean_correct[: len(xs)] if clean_correct is not None
+             else _clean_correct(model, xs, ys, config.batch_size, device))
+    correct = [i for i, c in enumerate(known) if c]
     cfg = replace(config, attacks=("apgd-ce",), eps=unbounded_eps(config.norm, xs), apgd_iters=audit.unbounded_iters,
                   apgd_restarts=1)
     broken, passes = _breaks(model, "apgd-ce", xs, ys, correct, cfg, device)

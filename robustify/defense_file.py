@@ -107,12 +107,10 @@ def write_defense_file(
 def _upgrade(meta: dict[str, Any], side: Path) -> dict[str, Any]:
     """A sidecar of any readable format in today's shape (a one-line error for others)."""
     key = (meta.get("format"), meta.get("format_version"))
-    if key == (FORMAT, FORMAT_VERSION):
+    if key in ((FORMAT, FORMAT_VERSION), LEGACY_DEFENSE):  # v1 defense files already name their defense
         return meta
     if key == LEGACY_MEANSPARSE:
         return {**meta, "defense": "meansparse"}
-    if key == LEGACY_DEFENSE:
-        return meta
     if meta.get("format") in (FORMAT, LEGACY_MEANSPARSE[0]):
         raise StateMismatchError(
             f"{str(side)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION} "
