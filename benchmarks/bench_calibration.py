@@ -2,7 +2,7 @@
 
 Sections (all in one run, variants interleaved round-robin as in bench_meansparse.py):
 
-* ``calibration``: ``robustify.calibrate`` over N real CIFAR-10 training images vs a plain
+* ``calibration``: ``robustify.defenses.meansparse.calibrate`` over N real CIFAR-10 training images vs a plain
   no-grad forward of the base model over the same batches; also the previous statistics
   code (one float64 ``var_mean`` per site and batch) for reference.
 * ``alpha_sweep``: a K-point alpha sweep (one calibration, then ``set_alpha`` + clean
@@ -48,8 +48,9 @@ from bench_meansparse import (  # noqa: E402
     write_rows,
 )
 
+from robustify.defenses import meansparse as ms
 import robustify as rb  # noqa: E402
-from robustify import stats as rstats  # noqa: E402
+from robustify.core import stats as rstats  # noqa: E402
 
 logger = logging.getLogger("bench_calibration")
 WEIGHTS = SHARED / "models" / "resnet18_at_relu.pt"
@@ -70,7 +71,7 @@ def _model(alpha: float = 0.2, insert: bool = True, device: torch.device | str =
     model, info = load_benchmark_model(MODEL)
     model.eval().to(device)
     if insert:
-        model = rb.insert_meansparse(model, info.example_input(device=device), rb.MeanSparseConfig(alpha=alpha))
+        model = ms.insert_meansparse(model, info.example_input(device=device), ms.MeanSparseConfig(alpha=alpha))
     return model
 
 
@@ -136,7 +137,7 @@ def bench_alpha_sweep(args: argparse.Namespace, common: dict[str, object]) -> li
         rb.calibrate(model, calib, progress=False)
         out = []
         for a in alphas:
-            rb.set_alpha(model, a)
+            ms.set_alpha(model, a)
             out.append(accuracy(model))
         return out
 
@@ -171,7 +172,7 @@ TORCHRUN_WORKER = textwrap.dedent(
     with np.load(sys.argv[4]) as data:
         x = torch.from_numpy(data["x_train"][:images]).float().div(255)
     model, info = rb.load_model("aa-resnet18", weights=sys.argv[5])
-    model = rb.insert_meansparse(model.eval(), info.example_input(), rb.MeanSparseConfig(alpha=0.2))
+    model = ms.insert_meansparse(model.eval(), info.example_input(), ms.MeanSparseConfig(alpha=0.2))
     part = distributed.shard(images)
     distributed.barrier()
     t0 = time.perf_counter()
@@ -180,7 +181,7 @@ TORCHRUN_WORKER = textwrap.dedent(
     seconds = time.perf_counter() - t0
     if distributed.is_main():
         torch.save({"seconds": seconds, "stats": {s: (m.moments.count, m.moments.mean, m.moments.m2, m.mean, m.var)
-                    for s, m in rb.meansparse_modules(model).items()}}, out)
+                    for s, m in ms.meansparse_modules(model).items()}}, out)
     """
 )
 

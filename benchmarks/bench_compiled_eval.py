@@ -1,9 +1,9 @@
-"""Is ``--compile`` worth it? ``robustify.evaluate`` on the eager vs the compiled model.
+"""Is ``--compile`` worth it? ``robustify.evaluation.engine`` on the eager vs the compiled model.
 
 The adversarially trained ResNet-18 of ../shared/models with MeanSparse (alpha 0.2,
 calibrated on the shared CIFAR-10 training images), the first N test images, APGD-CE and
 BPDA-APGD-CE: one evaluation of the eager (fused) model and one of the compiled model
-(``robustify.fast.for_evaluation(compile=True)``), interleaved over the repetitions. The
+(``robustify.evaluation.fast.for_evaluation(compile=True)``), interleaved over the repetitions. The
 compiled wall time of the first repetition includes compilation; later ones reuse it (as a
 long evaluation would). Per-example agreement is reported (float32 rounding differs between
 the two, so an example on the edge of a band may differ).
@@ -31,10 +31,11 @@ from bench_meansparse import (  # noqa: E402
     DATA, RESULTS, command_line, load_average, load_benchmark_model, machine, write_rows,
 )
 
+from robustify.defenses import meansparse as ms
 import robustify as rb  # noqa: E402
 from robustify.attacks import AttackConfig  # noqa: E402
-from robustify.evaluate import evaluate  # noqa: E402
-from robustify.fast import for_evaluation  # noqa: E402
+from robustify.evaluation.engine import evaluate  # noqa: E402
+from robustify.evaluation.fast import for_evaluation  # noqa: E402
 
 logger = logging.getLogger("bench_compiled_eval")
 
@@ -42,7 +43,7 @@ logger = logging.getLogger("bench_compiled_eval")
 def _defended(device: torch.device, n_calib: int = 1024, spec: str = "aa-resnet18",
               data: str | Path = DATA) -> torch.nn.Module:
     model, info = load_benchmark_model(spec, device=device)
-    model = rb.insert_meansparse(model, info.example_input(device=device), rb.MeanSparseConfig(alpha=0.2))
+    model = ms.insert_meansparse(model, info.example_input(device=device), ms.MeanSparseConfig(alpha=0.2))
     calib = rb.load_data(str(data), "train", n=n_calib)
     rb.calibrate(model, rb.loader(calib, batch_size=256), device=device, progress=False)
     return model

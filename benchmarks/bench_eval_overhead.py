@@ -3,7 +3,7 @@
 Same model (the adversarially trained ResNet-18 of ../shared/models), same images (first N test
 images of ../shared/data), same attack (APGD-CE, same iterations, seed and batch size): one
 `pyautoattack.AutoAttack(version='custom').run_standard_evaluation` call against one
-`robustify.evaluate` call (with its resumable journal on disk). Runs are interleaved
+`robustify.evaluation.engine` call (with its resumable journal on disk). Runs are interleaved
 (direct, robustify, direct, robustify, ...) so machine noise hits both alike; the ratio of
 the medians is reported, and the per-example results are checked to be identical.
 
@@ -26,8 +26,8 @@ import torch
 
 import robustify as rb
 from robustify.attacks import AttackConfig, _set_apgd_iters
-from robustify.evaluate import evaluate
-from robustify.io import atomic_path
+from robustify.evaluation.engine import evaluate
+from robustify.core.io import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_meansparse import DATA, REPO as ROOT, load_benchmark_model  # noqa: E402

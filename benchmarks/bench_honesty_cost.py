@@ -12,7 +12,7 @@ alpha=0.2, calibrated on the first --n-calib training images of ../shared/data),
   APGD-CE/DLR and Square, then BPDA-APGD-CE/DLR, BPDA-APGD-T, the adaptive attack and the
   transfer attack, in sequence on the still-unbroken examples).
 
-Forward and backward example-passes are counted with :class:`robustify.cost.PassCounter`
+Forward and backward example-passes are counted with :class:`robustify.evaluation.cost.PassCounter`
 hooks on the model around each whole run (AutoAttack's own checks included in both), and
 wall time is measured (after a warm-up pass, runs interleaved, the minimum of --reps: other jobs
 share this machine's two cores, and a disturbed run can take several times longer); the CSV gives
@@ -35,13 +35,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify.attacks import AttackConfig, make_autoattack
-from robustify.cost import PassCounter
-from robustify.evaluate import evaluate
+from robustify.evaluation.cost import PassCounter
+from robustify.evaluation.engine import evaluate
 from robustify.cli.evaluate import DEFAULT_ATTACKS
-from robustify.io import atomic_path
-from robustify.pipeline import _applicable
+from robustify.core.io import atomic_path
+from robustify.jobs.evaluate import _applicable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -57,7 +58,7 @@ def defended_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Ten
     data = str(SHARED / "data" / "cifar10_subset.npz")
     model, info = rb.load_model("aa-resnet18", weights=SHARED / "models" / "resnet18_at_relu.pt")
     xc, _ = rb.to_tensors(rb.load_data(data, "train", n=args.n_calib))
-    model = rb.insert_meansparse(model, info.example_input(), rb.MeanSparseConfig(alpha=args.alpha))
+    model = ms.insert_meansparse(model, info.example_input(), ms.MeanSparseConfig(alpha=args.alpha))
     rb.calibrate(model, [xc[i : i + 128] for i in range(0, len(xc), 128)], progress=False)
     x, y = rb.to_tensors(rb.load_data(data, "test", n=args.n))
     return model.eval(), x, y

@@ -6,11 +6,11 @@ ImageNet architecture (torchvision MobileNetV3-Small, random init, 1000 classes,
 ``Res256Crop224``; ResNet-18 has 30x its FLOPs: on a shared 2-core CPU its forward would
 hide the data path entirely). Variants, timed round-robin in one run (the starting variant rotates):
 
-* ``robustify``: ``robustify.pipeline.calibration_loader("folder:ROOT", info, workers=W)`` +
-  ``robustify.calibrate`` — what ``robustify calibrate`` / ``evaluate`` / ``sweep`` do.
+* ``robustify``: ``robustify.jobs.evaluate.calibration_loader("folder:ROOT", info, workers=W)`` +
+  ``robustify.defenses.meansparse.calibrate`` — what ``robustify calibrate`` / ``evaluate`` / ``sweep`` do.
 * ``plain``: ``torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(ROOT/train,
   PREPROCESSINGS["Res256Crop224"]), num_workers=W)`` feeding the same calibrating forward (the same
-  MeanSparse model inside ``robustify.calibrating``, no grad): same transform, workers and forward.
+  MeanSparse model inside ``ms.calibrating``, no grad): same transform, workers and forward.
 * ``plain_base_forward`` (reference, ``--base-forward``): the same plain loop with the base model's
   forward (no statistics), to show what the statistics cost.
 * ``robustify_workers0`` (reference, ``--workers0``): robustify's loader with no worker process.
@@ -37,8 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_meansparse import RESULTS, command_line, interleaved, load_average, machine, write_rows  # noqa: E402
 
+from robustify.defenses import meansparse as ms
 import robustify as rb  # noqa: E402
-from robustify.pipeline import calibration_loader  # noqa: E402
+from robustify.jobs.evaluate import calibration_loader  # noqa: E402
 
 logger = logging.getLogger("bench_imagenet_calibration")
 CLASSES = 10
@@ -88,13 +89,13 @@ def main() -> None:
     root = generate(Path(args.root), args.images)
     load_before = load_average()
 
-    from robustbench.data import PREPROCESSINGS  # importable: robustify.preprocessing imported robustbench
+    from robustbench.data import PREPROCESSINGS  # importable: robustify.load.preprocessing imported robustbench
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     base, info = rb.load_model(MODEL, dataset="imagenet")
     assert info.preprocessing == {"source": "default", "name": "Res256Crop224"}, info.preprocessing
-    model = rb.insert_meansparse(base, info.example_input(), rb.MeanSparseConfig())
+    model = ms.insert_meansparse(base, info.example_input(), ms.MeanSparseConfig())
     spec = f"folder:{root}"
 
     def plain_loop(net: torch.nn.Module) -> None:  # builds its dataset each time, as robustify does
@@ -104,7 +105,7 @@ def main() -> None:
                 net(x)
 
     def plain() -> None:
-        with rb.calibrating(model):
+        with ms.calibrating(model):
             plain_loop(model)
 
     def plain_base() -> None:

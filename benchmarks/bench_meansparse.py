@@ -15,8 +15,8 @@ that load from other processes hits all of them alike:
 
 Metrics: ``forward`` (no grad, eval) and ``forward_backward`` (cross-entropy gradient
 with respect to the input, as one attack step computes it; parameters frozen, as
-``robustify.evaluate`` freezes them during attacks). ``compiled`` is
-``robustify.fast.compile_model``, which fuses MeanSparse with its ReLU hosts. For every variant the CSV
+``robustify.evaluation.engine`` freezes them during attacks). ``compiled`` is
+``robustify.evaluation.fast.compile_model``, which fuses MeanSparse with its ReLU hosts. For every variant the CSV
 holds the median and minimum wall time and the median process CPU time; ratios are
 variant / base of the same metric (compiled variants / compiled base).
 
@@ -52,9 +52,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from robustify.defenses import meansparse as ms
 import robustify as rb  # noqa: E402
-from robustify.io import write_text  # noqa: E402
-from robustify.meansparse import MeanSparse  # noqa: E402
+from robustify.core.io import write_text  # noqa: E402
+from robustify.defenses.meansparse.module import MeanSparse  # noqa: E402
 
 logger = logging.getLogger("bench_meansparse")
 SHARED = REPO.parent / "shared"
@@ -178,7 +179,7 @@ def _published_forward(self: MeanSparse, x: torch.Tensor) -> torch.Tensor:
 
 def use_published(model: nn.Module, on: bool) -> None:
     """Swap every MeanSparse forward for the published operator (``on``) or back."""
-    for m in rb.meansparse_modules(model).values():
+    for m in ms.meansparse_modules(model).values():
         if on:
             m._published_threshold = torch.tensor(m.alpha, device=m.mean.device)
             m.forward = types.MethodType(_published_forward, m)
@@ -223,10 +224,10 @@ def build(
             x = torch.from_numpy(data["x_test"][:batch]).float().div(255)
     y = torch.randint(0, info.num_classes, (batch,), generator=g)
     x, y = x.to(device), y.to(device)
-    robust = rb.insert_meansparse(robust, x[:2], rb.MeanSparseConfig(alpha=alpha))
+    robust = ms.insert_meansparse(robust, x[:2], ms.MeanSparseConfig(alpha=alpha))
     rb.calibrate(robust, [x], progress=False)
     fused = copy.deepcopy(robust)
-    rb.fuse_meansparse(fused)
+    ms.fuse_meansparse(fused)
     return base, robust, fused, x, y
 
 
@@ -268,7 +269,7 @@ class _Published:
 
 def bench_model(spec: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
     base, robust, fused, x, y = build(spec, batch, args.alpha, device)
-    n_sites = len(rb.meansparse_modules(robust))
+    n_sites = len(ms.meansparse_modules(robust))
     common = {
         "model": spec, "batch": batch, "alpha": args.alpha, "sites": n_sites, "device": device.type,
         "threads": torch.get_num_threads(), "reps": args.reps,
@@ -311,7 +312,7 @@ def bench_compiled(
     base: nn.Module, robust: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace,
     common: dict[str, object], device: torch.device,
 ) -> list[dict[str, object]]:
-    from robustify.fast import compile_model
+    from robustify.evaluation.fast import compile_model
 
     t0 = time.time()
     cbase, crobust = compile_model(base), compile_model(robust)

@@ -2,7 +2,7 @@
 
 The adversarially trained ResNet-18 of ../shared/models with MeanSparse (alpha 0.2, calibrated
 in float32 on the shared CIFAR-10 training images), the first N test images, APGD-CE and
-BPDA-APGD-CE: one ``robustify.evaluate`` per precision (``robustify.fast.for_evaluation``
+BPDA-APGD-CE: one ``robustify.evaluation.engine`` per precision (``robustify.evaluation.fast.for_evaluation``
 with autocast). Reported: wall time, clean/worst-case accuracy and per-example agreement with
 float32 (rounding differs, so examples near a decision boundary may differ). What must hold
 exactly: the MeanSparse statistics stay float32 and unchanged by every mixed-precision
@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compiled_eval import _defended, _run, add_eval_args, start  # noqa: E402
 from bench_meansparse import RESULTS, load_average, write_rows  # noqa: E402
 
+from robustify.defenses import meansparse as ms
 import robustify as rb  # noqa: E402
 from robustify.attacks import AttackConfig  # noqa: E402
-from robustify.fast import for_evaluation  # noqa: E402
+from robustify.evaluation.fast import for_evaluation  # noqa: E402
 
 logger = logging.getLogger("bench_precision_eval")
 
@@ -36,7 +37,7 @@ logger = logging.getLogger("bench_precision_eval")
 def statistics_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every MeanSparse site's mean and variance (copies)."""
     return {f"{site}.{name}": getattr(m, name).detach().clone()
-            for site, m in rb.meansparse_modules(model).items() for name in ("mean", "var")}
+            for site, m in ms.meansparse_modules(model).items() for name in ("mean", "var")}
 
 
 def same_float32_statistics(reference: dict[str, torch.Tensor], model: torch.nn.Module) -> bool:

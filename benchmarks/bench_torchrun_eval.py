@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from robustify.io import atomic_path
+from robustify.core.io import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

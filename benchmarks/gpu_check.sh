@@ -4,7 +4,7 @@
 #   meansparse      MeanSparse eager/fused/compiled overhead vs the base model (bench_meansparse.py --compile);
 #                   fast path, fused path and the published operator must give identical outputs
 #   calibration     calibration throughput and the alpha sweep (bench_calibration.py)
-#   eval_overhead   robustify.evaluate vs pyautoattack called directly: per-example results must be identical
+#   eval_overhead   robustify.evaluation.engine vs pyautoattack called directly: per-example results must be identical
 #   compiled_eval   evaluation of the compiled model vs eager (bench_compiled_eval.py)
 #   precision_eval  bfloat16/float16 evaluation vs float32; MeanSparse statistics must stay float32, unchanged
 #   torchrun_eval   torchrun with nccl (one process per GPU) vs one process: results must be identical;

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import robustify  # noqa: E402
-from robustify.io import write_json, write_text  # noqa: E402
-from robustify.train import (  # noqa: E402
+from robustify.core.io import write_json, write_text  # noqa: E402
+from robustify.jobs.train import (  # noqa: E402
     TrainConfig,
     apply_defense,
     defense_config,
@@ -145,7 +145,7 @@ def write_results(prefix: Path, base: dict, rows: list[dict], args: argparse.Nam
         table.append({**{k: r.get(k, "") for k in fields}, "clean_before": base["clean_acc"],
                       "pgd10_before": base["pgd_acc"]})
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    from robustify.io import atomic_path
+    from robustify.core.io import atomic_path
 
     with atomic_path(prefix.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -50,9 +50,9 @@ def _probe(dataset: str, threat_model: str, name: str) -> dict[str, Any]:
     """Build one entry without weights and plan MeanSparse on it (runs in the child)."""
     import torch
 
-    from robustify.config import MeanSparseConfig
-    from robustify.insert import plan
-    from robustify.models import first_line, load_model
+    from robustify.defenses.meansparse.config import MeanSparseConfig
+    from robustify.defenses.meansparse.insert import plan
+    from robustify.load.models import first_line, load_model
 
     torch.set_num_threads(1)
     socket.socket.connect = _no_network  # type: ignore[method-assign]
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from robustify.zoo import zoo_entries
+    from robustify.load.zoo import zoo_entries
 
-    import robustify.insert  # noqa: F401 - imported once here, shared by every forked child
+    import robustify.defenses.meansparse.insert  # noqa: F401 - imported once here, shared by every forked child
 
     entries = [e for e in zoo_entries() if not args.only or any(fnmatch.fnmatch("/".join(e), g) for g in args.only)]
     done = _keep_finished(args.out) if args.resume else set()

@@ -161,7 +161,11 @@ def tiny_input() -> torch.Tensor:
 
 
 def _check_insertion(spec: str, side: int, n_sites: int, activation: str, dims: set[int], channels: list[int] | None) -> None:
-    from robustify import MeanSparseConfig, calibrate, insert_meansparse, load_model, meansparse_modules, set_alpha
+    from robustify import calibrate, load_model
+    from robustify.defenses.meansparse import MeanSparseConfig
+    from robustify.defenses.meansparse import insert_meansparse
+    from robustify.defenses.meansparse import meansparse_modules
+    from robustify.defenses.meansparse import set_alpha
 
     model, _ = load_model(spec, pretrained=False)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustify.activations import (
+from robustify.defenses.activations.swaps import (
     ActivationConfig,
     PSSiLU,
     PSiLU,
@@ -20,10 +20,10 @@ from robustify.activations import (
     swap_activations,
 )
 from robustify.defenses import applied_sites
-from robustify.insert import InsertionError
-from robustify.sites import is_activation, plan_sites
-from robustify.state import StateMismatchError
-from robustify.train import defense_parameters
+from robustify.defenses.meansparse.insert import InsertionError
+from robustify.defenses.sites import is_activation, plan_sites
+from robustify.defenses.meansparse.state import StateMismatchError
+from robustify.jobs.train import defense_parameters
 
 from tinynets import seeded_resnet18
 

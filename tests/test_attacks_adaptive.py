@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from robustify.attacks import AttackConfig, build_attack, expand_attacks
-from robustify.meansparse import MeanSparse, meansparse_modules, soft_bpda
+from robustify.defenses.meansparse.module import MeanSparse, meansparse_modules, soft_bpda
 
 EPS = 8 / 255
 MEAN, HALF_WIDTH = 0.5, 0.05
@@ -98,8 +98,8 @@ def test_bpda_autoattack_expands_to_the_standard_suite_with_bpda():
 
 
 def test_pass_counts_equal_hand_counted_ones_for_3_iteration_apgd():
-    from robustify.cost import PassCounter
-    from robustify.evaluate import evaluate
+    from robustify.evaluation.cost import PassCounter
+    from robustify.evaluation.engine import evaluate
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify.attacks import AttackConfig
-from robustify.audit import AuditConfig, audit_result_file, check_convergence, check_unbounded, gradient_census
-from robustify.evaluate import evaluate
+from robustify.evaluation.audit import AuditConfig, audit_result_file, check_convergence, check_unbounded, gradient_census
+from robustify.evaluation.engine import evaluate
 from tinynets import tiny_cnn
 
 
@@ -82,14 +83,14 @@ def test_not_converged_fires_after_a_1_iteration_run(iters, flag):
 
 def test_census_equals_a_direct_count_of_band_membership():
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    model = rb.insert_meansparse(tiny_cnn(), x[:2], rb.MeanSparseConfig(alpha=0.5))
+    model = ms.insert_meansparse(tiny_cnn(), x[:2], ms.MeanSparseConfig(alpha=0.5))
     rb.calibrate(model, [x], progress=False)
     with torch.no_grad():
         y = model(x).argmax(1)
     x_adv = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
     counted: dict[str, list[float]] = {}
     handles = []
-    for site, module in rb.meansparse_modules(model).items():
+    for site, module in ms.meansparse_modules(model).items():
         def hook(mod, args, site=site):
             z = args[0]
             inside = (z - mod.mean.view(1, -1, 1, 1)).abs() < mod.crop.view(1, -1, 1, 1)
@@ -111,7 +112,7 @@ def test_census_equals_a_direct_count_of_band_membership():
 
 
 def test_audit_is_stored_in_result_json_and_shown_in_the_leaderboard(tmp_path):
-    from robustify.leaderboard import build_table, collect
+    from robustify.reporting.leaderboard import build_table, collect
 
     model = tiny_cnn()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
@@ -152,7 +153,7 @@ def test_audit_command_and_evaluate_flag(tmp_path):
 
 
 def test_audit_refuses_another_model():
-    from robustify.audit import run_audit
+    from robustify.evaluation.audit import run_audit
 
     model = tiny_cnn()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(7))
@@ -164,8 +165,8 @@ def test_audit_refuses_another_model():
 
 
 def test_strongest_attack_prefers_the_straight_through_ones():
-    from robustify.audit import _strongest
-    from robustify.evaluate import EvalResult
+    from robustify.evaluation.audit import _strongest
+    from robustify.evaluation.engine import EvalResult
 
     per = {"clean_correct": [1, 1, 1, 1], "apgd-ce": [1, 1, 0, 0], "bpda-apgd-ce": [None, None, 1, 0],
            "square": [None, None, 0, 0]}
@@ -183,9 +184,9 @@ def test_audit_job_audits_the_examples_the_evaluation_saw(tmp_path, monkeypatch)
     (timm's config for a timm model: 160x160 for test_vit), not the default transform (224x224)."""
     from test_imagenet_data import _folder
 
-    from robustify import audit as audit_module
+    from robustify.evaluation import audit as audit_module
     from robustify.attacks import AttackConfig
-    from robustify.pipeline import EvaluationJob
+    from robustify.jobs.evaluate import EvaluationJob
 
     root = tmp_path / "d"
     classes = [f"n0{c:07d}" for c in range(3)]

@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from robustify import load_calibration, load_model, meansparse_modules
+from robustify import load_model
+from robustify.defenses.meansparse import load_calibration
+from robustify.defenses.meansparse import meansparse_modules
 from robustify.cli import main
-from robustify.state import sidecar_path
+from robustify.defenses.meansparse.state import sidecar_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +133,7 @@ def test_non_numeric_alpha_is_a_usage_error(capsys) -> None:
 @pytest.mark.parametrize("argv", [["--debug", "inspect", "resnet18"], ["inspect", "resnet18", "--debug"]])
 def test_debug_shows_the_traceback(capsys, argv: list[str]) -> None:
     """Before or after the command, as the error hint types it."""
-    from robustify.models import ModelLoadError
+    from robustify.load.models import ModelLoadError
 
     message = _error_line(capsys, ["inspect", "resnet18"])
     assert message.endswith("(rerun with --debug for the traceback)")

@@ -8,19 +8,21 @@ import dataclasses
 
 import pytest
 
-from robustify.activations import ActivationConfig
+from robustify.defenses import meansparse as ms
+from robustify.defenses.activations.swaps import ActivationConfig
 from robustify.attacks import AttackConfig
-from robustify.audit import AuditConfig
+from robustify.evaluation.audit import AuditConfig
 from robustify.cli import build_parser
 from robustify.cli import evaluate as evaluate_cli
 from robustify.cli.common import MEANSPARSE_DEFAULTS
 from robustify.cli.flags import CONFIG_FIELD, ConfigFlags, field_default, field_help
-from robustify.config import MeanSparseConfig, SerializableConfig, untagged
-from robustify.leaderboard import settings_id
-from robustify.pipeline import EvaluationJob
-from robustify.smoothrelu import SmoothReLUConfig
-from robustify.sparta import SpartaConfig
-from robustify.train import TrainConfig
+from robustify.core.config import SerializableConfig, untagged
+from robustify.defenses.meansparse.config import MeanSparseConfig
+from robustify.reporting.leaderboard import settings_id
+from robustify.jobs.evaluate import EvaluationJob
+from robustify.defenses.activations.smoothrelu import SmoothReLUConfig
+from robustify.defenses.sparta.module import SpartaConfig
+from robustify.jobs.train import TrainConfig
 
 CONFIGS = [
     MeanSparseConfig(alpha=0.3, include=("layer*",), outputs=("layer.*",), site_alpha={"a.b": 0.1}, channel_dim=1),
@@ -30,7 +32,7 @@ CONFIGS = [
     AttackConfig(attacks=("apgd-ce", "square"), norm="L2", eps="0.5", apgd_restarts=2),
     TrainConfig(milestones=(3, 5), epochs=2),
     AuditConfig(noise_draws=3),
-    EvaluationJob(model="tinynets:tiny_cnn", defense="meansparse", meansparse=MeanSparseConfig(exclude=("x",)),
+    EvaluationJob(model="tinynets:tiny_cnn", defense="meansparse", defense_config=MeanSparseConfig(exclude=("x",)),
                   attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=5)),
 ]
 
@@ -124,12 +126,12 @@ def test_flags_read_back_as_config_values() -> None:
 
 def test_help_comes_from_the_docstring_attributes() -> None:
     assert field_help(TrainConfig, "epochs") == "passes over the training data."
-    assert "robustify.set_alpha" in field_help(MeanSparseConfig, "alpha")  # reST roles as plain text
+    assert "ms.set_alpha" in field_help(MeanSparseConfig, "alpha")  # reST roles as plain text
     assert all(field_help(AuditConfig, f.name) for f in dataclasses.fields(AuditConfig))
 
 
 def test_a_journal_written_before_the_tags_resumes(tmp_path) -> None:
-    from robustify.journal import Journal
+    from robustify.evaluation.journal import Journal
 
     config = AttackConfig(attacks=("apgd-ce",)).to_dict()
     old = Journal(tmp_path, {"config": untagged(config), "meta": {}, "n_examples": 2})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustify.data import DataError, load_data, loader, to_tensors, validate_batch
+from robustify.load.data import DataError, load_data, loader, to_tensors, validate_batch
 
 
 def _write_npz(path: Path, **overrides: np.ndarray) -> Path:

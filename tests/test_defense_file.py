@@ -1,4 +1,4 @@
-"""Issue 12, item 2: one save format for every defense (robustify.defense_file), old files still load."""
+"""Issue 12, item 2: one save format for every defense (robustify.defenses.file), old files still load."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from robustify.defenses import sparta as sparta_pkg
+from robustify.defenses import meansparse as ms
+from robustify.defenses import activations as acts
 import robustify as rb
-from robustify.defense_file import FORMAT, FORMAT_VERSION, content_digest, read_sidecar, sidecar_path
-from robustify.state import StateMismatchError
+from robustify.defenses.activations import swaps as acts_swaps
+from robustify.defenses.file import FORMAT, FORMAT_VERSION, content_digest, read_sidecar, sidecar_path
+from robustify.defenses.meansparse.state import StateMismatchError
 from tinynets import tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,12 +25,12 @@ V1 = Path(__file__).parent / "data" / "format_v1"
 EXAMPLE = torch.zeros(2, 3, 32, 32)
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 CONFIGS = {
-    "meansparse": rb.MeanSparseConfig(alpha=0.3),
-    "sparta": rb.SpartaConfig(preset="all", init="identity"),
-    "sparta-nodp": rb.SpartaConfig(variant="nodp", preset="all", init="identity"),
-    "pssilu": rb.ActivationConfig(name="pssilu"),
-    "silu": rb.ActivationConfig(name="silu"),
-    "smoothrelu": rb.SmoothReLUConfig(),
+    "meansparse": ms.MeanSparseConfig(alpha=0.3),
+    "sparta": sparta_pkg.SpartaConfig(preset="all", init="identity"),
+    "sparta-nodp": sparta_pkg.SpartaConfig(variant="nodp", preset="all", init="identity"),
+    "pssilu": acts.ActivationConfig(name="pssilu"),
+    "silu": acts.ActivationConfig(name="silu"),
+    "smoothrelu": acts.SmoothReLUConfig(),
 }
 
 
@@ -37,7 +41,7 @@ def _defended(name: str, seed: int = 0) -> torch.nn.Module:
         rb.calibrate(model, [torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed))], progress=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in rb.train.defense_parameters(model):
+        for p in rb.defenses.defense_parameters(model):
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model
 
@@ -82,7 +86,7 @@ def test_files_written_before_the_one_format_still_load(name: str) -> None:
     expected = load_file(str(V1 / "expected_logits.safetensors"))
     path = V1 / f"{name}.safetensors"
     assert json.loads(sidecar_path(path).read_text())["format_version"] == 1
-    assert rb.train.defense_kind(path) == name
+    assert rb.defenses.defense_kind(path) == name
     loaded = rb.load_defense(tiny_cnn(), path, EXAMPLE)
     assert type(loaded.robustify_defense).__name__ == json.loads(sidecar_path(path).read_text())["config"]["_type"]
     with torch.no_grad():
@@ -94,8 +98,8 @@ def test_files_written_before_the_one_format_still_load(name: str) -> None:
 
 def test_old_meansparse_calibrations_keep_their_thresholds() -> None:
     expected = load_file(str(V1 / "expected_logits.safetensors"))
-    model = rb.load_calibration(tiny_cnn(), V1 / "meansparse.safetensors", EXAMPLE)
-    assert {m.alpha for m in rb.meansparse_modules(model).values()} == {0.3}
+    model = ms.load_calibration(tiny_cnn(), V1 / "meansparse.safetensors", EXAMPLE)
+    assert {m.alpha for m in ms.meansparse_modules(model).values()} == {0.3}
     with torch.no_grad():
         assert torch.equal(model(expected["x"]), expected["meansparse"])
 
@@ -103,9 +107,9 @@ def test_old_meansparse_calibrations_keep_their_thresholds() -> None:
 def test_each_loader_refuses_another_defense_and_unknown_versions(tmp_path: Path) -> None:
     sparta = rb.save_defense(_defended("sparta"), tmp_path / "sparta.safetensors")
     with pytest.raises(StateMismatchError, match="holds a 'sparta' defense, not meansparse"):
-        rb.load_calibration(tiny_cnn(), sparta, EXAMPLE)
+        ms.load_calibration(tiny_cnn(), sparta, EXAMPLE)
     with pytest.raises(StateMismatchError, match=r"holds a 'sparta' defense, not one of \['silu', "):
-        rb.activations.load_activations(tiny_cnn(), sparta, EXAMPLE)
+        acts_swaps.load_activations(tiny_cnn(), sparta, EXAMPLE)
     side = sidecar_path(sparta)
     side.write_text(side.read_text().replace('"format_version": 2', '"format_version": 7'))
     with pytest.raises(StateMismatchError, match="format version 7, expected 2"):

@@ -13,8 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from robustify import MeanSparseConfig, calibrate, insert_meansparse, meansparse_modules
-from robustify.distributed import gather_examples, is_distributed, rank, shard, shard_indices, world_size
+from robustify import calibrate
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse import insert_meansparse
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.core.distributed import gather_examples, is_distributed, rank, shard, shard_indices, world_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +27,9 @@ WORKER = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
-    from robustify import MeanSparseConfig, calibrate, insert_meansparse, meansparse_modules
-    from robustify import distributed
+    from robustify import calibrate
+    from robustify.core import distributed
+    from robustify.defenses.meansparse import MeanSparseConfig, insert_meansparse, meansparse_modules
 
     def build():
         torch.manual_seed(0)
@@ -136,8 +140,8 @@ def test_helpers_are_the_identity_in_one_process() -> None:
 
 def test_other_ranks_batches_are_journalled_every_round(tmp_path: Path, monkeypatch) -> None:
     """Rank 0 journals rank 1's batches as soon as a round ends, not at the end of the phase."""
-    import robustify.distributed as distributed_module
-    import robustify.evaluate as engine
+    import robustify.core.distributed as distributed_module
+    import robustify.evaluation.engine as engine
 
     monkeypatch.setattr(distributed_module, "world_size", lambda: 2)
     monkeypatch.setattr(distributed_module, "rank", lambda: 0)

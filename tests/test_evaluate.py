@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify.attacks import AttackConfig, build_attack, expand_attacks
-from robustify.evaluate import EvaluationLockedError, JournalMismatchError, evaluate, _locked
+from robustify.evaluation.engine import EvaluationLockedError, JournalMismatchError, evaluate, _locked
 from tinynets import tiny_cnn
 
 EPS = 2 / 255  # the tiny model is partly robust at this radius, so tests are not vacuous
@@ -25,7 +26,7 @@ def images() -> torch.Tensor:
 def defended(images):
     """Tiny CNN with calibrated MeanSparse; labels = its own clean predictions (100% clean accuracy)."""
     base = tiny_cnn()
-    model = rb.insert_meansparse(tiny_cnn(), images[:2], rb.MeanSparseConfig(alpha=0.3))
+    model = ms.insert_meansparse(tiny_cnn(), images[:2], ms.MeanSparseConfig(alpha=0.3))
     rb.calibrate(model, [images], progress=False)
     with torch.no_grad():
         y = model(images).argmax(1)
@@ -89,7 +90,7 @@ def test_bpda_attack_differs_from_standard_on_meansparse(defended, images):
     standard = build_attack("apgd-ce", model, config).perturb(x, yb)
     through = build_attack("bpda-apgd-ce", model, config).perturb(x, yb)
     assert not torch.equal(standard, through)
-    assert all(not m.straight_through for m in rb.meansparse_modules(model).values())  # the mode did not leak
+    assert all(not m.straight_through for m in ms.meansparse_modules(model).values())  # the mode did not leak
 
 
 def test_adaptive_lambda_zero_is_pgd(defended, images):
@@ -118,7 +119,7 @@ def test_resume_after_interruption_equals_uninterrupted(defended, images, tmp_pa
                           eps=EPS)
     full = evaluate(model, images, y, config, out_dir=tmp_path / "full", progress=False)
 
-    import robustify.evaluate as engine
+    import robustify.evaluation.engine as engine
 
     real = engine._attack_batch
     calls = {"n": 0}
@@ -212,7 +213,7 @@ def test_bad_inputs_are_refused(defended, images, mutate, message):
 
 
 def test_uncalibrated_meansparse_is_refused(images):
-    model = rb.insert_meansparse(tiny_cnn(), images[:2], rb.MeanSparseConfig(alpha=0.2))
+    model = ms.insert_meansparse(tiny_cnn(), images[:2], ms.MeanSparseConfig(alpha=0.2))
     with pytest.raises(rb.NotCalibratedError, match="no statistics"):
         evaluate(model, images, torch.zeros(len(images), dtype=torch.long),
                  AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=1), progress=False)
@@ -221,7 +222,7 @@ def test_uncalibrated_meansparse_is_refused(images):
 def test_out_of_memory_during_an_attack_backs_off(defended, images, monkeypatch, caplog):
     """A simulated OOM on batches larger than 3: the batch is split, the evaluation completes."""
     _, model, y = defended
-    import robustify.evaluate as engine
+    import robustify.evaluation.engine as engine
 
     monkeypatch.setattr(engine, "_oom_state", {})
     config = AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=2, batch_size=8)
@@ -265,14 +266,14 @@ def test_adaptive_mask_marks_exactly_the_entries_the_forward_replaced(defended, 
     """The mask-penalty attack penalises the entries MeanSparse replaced, in the dtype the
     forward ran in (float32, or bfloat16 under autocast)."""
     from robustify.attacks import MaskPenaltyPGD
-    from robustify.fast import autocast
+    from robustify.evaluation.fast import autocast
 
     _, model, _ = defended
     attack = MaskPenaltyPGD(model, AttackConfig(eps=EPS), lam=1.0, name="adaptive")
     context = autocast("cpu", dtype) if dtype is not None else torch.no_grad()
     with context:
         masks = attack._masks(images[:8])
-    modules = rb.meansparse_modules(model)
+    modules = ms.meansparse_modules(model)
     assert masks and set(masks) <= set(modules)
     for site, (z, mask) in masks.items():
         m = modules[site]

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify.cli import main
-from robustify.memory import OutOfMemory
-from robustify.pipeline import EvaluationJob, _job_meta, build_defended_model
-from robustify.state import sidecar_path
+from robustify.core.memory import OutOfMemory
+from robustify.jobs.evaluate import EvaluationJob, _job_meta, build_defended_model
+from robustify.defenses.meansparse.state import sidecar_path
 from tinynets import tiny_cnn
 
 
@@ -40,11 +41,11 @@ def npz32(tmp_path_factory) -> Path:
 
 def _job(npz: Path, out: Path, **meansparse) -> EvaluationJob:
     return EvaluationJob(model="tinynets:tiny_cnn", defense="meansparse", data=str(npz), out=str(out),
-                         n_examples=8, progress=False, meansparse=rb.MeanSparseConfig(**meansparse))
+                         n_examples=8, progress=False, defense_config=ms.MeanSparseConfig(**meansparse))
 
 
 def _alphas(model: nn.Module) -> dict[str, float]:
-    return {site: m.alpha for site, m in rb.meansparse_modules(model).items()}
+    return {site: m.alpha for site, m in ms.meansparse_modules(model).items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def test_meansparse_that_came_with_the_model_is_recorded_as_it_is(npz32, tmp_pat
     """defense=none on a model that has MeanSparse (as RobustBench's published ones): the record
     holds the model's thresholds, not the job's unused MeanSparse settings."""
     model, info = rb.load_model("tinynets:tiny_cnn")
-    model = rb.insert_meansparse(model, info.example_input(), rb.MeanSparseConfig(alpha=0.25, site_alpha={"act1": 0.5}))
+    model = ms.insert_meansparse(model, info.example_input(), ms.MeanSparseConfig(alpha=0.25, site_alpha={"act1": 0.5}))
     job = replace(_job(npz32, tmp_path, alpha=0.1), defense="none")
     assert _job_meta(job, info, model)["meansparse"] == {"alpha": 0.25, "site_alpha": {"act1": 0.5},
                                                          "sites": ["act1", "relu_0"]}
@@ -81,7 +82,7 @@ def test_a_file_with_another_placement_is_refused_in_one_line(npz32, tmp_path) -
         build_defended_model(job)
     assert "\n" not in str(err.value) and "act1" in str(err.value)
     # the same sites selected another way are fine
-    model, _, _ = build_defended_model(replace(job, meansparse=rb.MeanSparseConfig(alpha=0.2, include=("relu_*",))))
+    model, _, _ = build_defended_model(replace(job, defense_config=ms.MeanSparseConfig(alpha=0.2, include=("relu_*",))))
     assert list(_alphas(model)) == ["relu_0"]
 
 
@@ -124,30 +125,30 @@ class _Ensemble(nn.Module):
 
 
 def test_an_ensemble_of_two_robustified_models_keeps_both(tiny_model, tiny_input) -> None:
-    config = rb.MeanSparseConfig(alpha=0.0)
-    members = [rb.insert_meansparse(copy.deepcopy(tiny_model), tiny_input, config) for _ in range(2)]
+    config = ms.MeanSparseConfig(alpha=0.0)
+    members = [ms.insert_meansparse(copy.deepcopy(tiny_model), tiny_input, config) for _ in range(2)]
     ensemble = _Ensemble(*members)
-    modules = rb.meansparse_modules(ensemble)
+    modules = ms.meansparse_modules(ensemble)
     assert len(modules) == 8 and len({id(m) for m in modules.values()}) == 8
     counts = rb.calibrate(ensemble, [tiny_input], progress=False)  # every member calibrated
     assert all(m.calibrated for m in modules.values()) and list(counts) == list(modules)
-    rb.set_alpha(ensemble, 0.3)
-    assert all(m.alpha == 0.3 for member in members for m in rb.meansparse_modules(member).values())
-    rb.set_alpha(ensemble, {"act1": 0.5})  # a site name reaches that site of every member
-    assert [rb.meansparse_modules(member)["act1"].alpha for member in members] == [0.5, 0.5]
+    ms.set_alpha(ensemble, 0.3)
+    assert all(m.alpha == 0.3 for member in members for m in ms.meansparse_modules(member).values())
+    ms.set_alpha(ensemble, {"act1": 0.5})  # a site name reaches that site of every member
+    assert [ms.meansparse_modules(member)["act1"].alpha for member in members] == [0.5, 0.5]
     with rb.bpda(ensemble):
-        assert all(m.straight_through for member in members for m in rb.meansparse_modules(member).values())
+        assert all(m.straight_through for member in members for m in ms.meansparse_modules(member).values())
     with torch.no_grad():
         assert torch.equal(ensemble(tiny_input), torch.stack([m(tiny_input) for m in members]).mean(0))
 
 
 def test_an_ensembles_calibration_round_trips(tiny_model, tiny_input, tmp_path) -> None:
-    config = rb.MeanSparseConfig(alpha=0.3)
-    members = [rb.insert_meansparse(copy.deepcopy(tiny_model), tiny_input, config) for _ in range(2)]
+    config = ms.MeanSparseConfig(alpha=0.3)
+    members = [ms.insert_meansparse(copy.deepcopy(tiny_model), tiny_input, config) for _ in range(2)]
     ensemble = _Ensemble(*members)
     rb.calibrate(ensemble, [tiny_input, tiny_input.flip(0) * 0.5], progress=False)
-    path = rb.save_calibration(ensemble, tmp_path / "ens.safetensors", config=config)
-    restored = rb.load_calibration(_Ensemble(copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)), path, tiny_input)
+    path = ms.save_calibration(ensemble, tmp_path / "ens.safetensors", config=config)
+    restored = ms.load_calibration(_Ensemble(copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)), path, tiny_input)
     with torch.no_grad():
         assert torch.equal(restored(tiny_input), ensemble(tiny_input))
 
@@ -198,8 +199,8 @@ def test_in_place_activations_survive_modularize_and_insertion() -> None:
     with torch.no_grad():
         reference = model(x.clone())
         assert torch.equal(rb.sites.modularize(model)(x.clone()), reference)
-        inserted = rb.insert_meansparse(copy.deepcopy(model), x, rb.MeanSparseConfig(alpha=0.0))
-        assert len(rb.meansparse_modules(inserted)) == 4
+        inserted = ms.insert_meansparse(copy.deepcopy(model), x, ms.MeanSparseConfig(alpha=0.0))
+        assert len(ms.meansparse_modules(inserted)) == 4
         rb.calibrate(inserted, [x.clone()], progress=False)
         assert torch.equal(inserted(x.clone()), reference)
 
@@ -210,11 +211,11 @@ def test_in_place_activations_are_sparsified_like_their_out_of_place_twins() -> 
     twin = copy.deepcopy(model)
     twin.inplace = False
     x = torch.randn(8, 3, 6, 6)
-    config = rb.MeanSparseConfig(alpha=0.4)
-    a, b = (rb.insert_meansparse(m, x, config) for m in (model, twin))
+    config = ms.MeanSparseConfig(alpha=0.4)
+    a, b = (ms.insert_meansparse(m, x, config) for m in (model, twin))
     for m in (a, b):
         rb.calibrate(m, [x.clone()], progress=False)
-    assert list(rb.meansparse_modules(a)) == list(rb.meansparse_modules(b))
+    assert list(ms.meansparse_modules(a)) == list(ms.meansparse_modules(b))
     with torch.no_grad():
         assert torch.equal(a(x.clone()), b(x.clone()))
         assert not torch.equal(a(x.clone()), twin(x.clone()))  # the defense acts (twin is not modified)
@@ -224,9 +225,9 @@ def test_in_place_activations_are_sparsified_like_their_out_of_place_twins() -> 
 # 9. stats_mode="official": the published batch of 512, never changed silently
 # ------------------------------------------------------------------------------------------
 def test_official_statistics_default_to_the_published_batch_size() -> None:
-    assert rb.MeanSparseConfig(stats_mode="official").calibration_batch_size() == 512
-    assert rb.MeanSparseConfig().calibration_batch_size() == 256
-    assert rb.MeanSparseConfig(stats_mode="official").calibration_batch_size(64) == 64
+    assert ms.MeanSparseConfig(stats_mode="official").calibration_batch_size() == 512
+    assert ms.MeanSparseConfig().calibration_batch_size() == 256
+    assert ms.MeanSparseConfig(stats_mode="official").calibration_batch_size(64) == 64
 
 
 def test_calibrate_cli_official_uses_batches_of_512(tmp_path) -> None:
@@ -236,11 +237,11 @@ def test_calibrate_cli_official_uses_batches_of_512(tmp_path) -> None:
                  "--out", str(out)]) == 0
     assert json.loads(sidecar_path(out).read_text())["batch_size"] == 512
     x = torch.from_numpy(np.load(npz)["x_train"]).float() / 255
-    reference = rb.insert_meansparse(tiny_cnn(), x[:2], rb.MeanSparseConfig(stats_mode="official"))
+    reference = ms.insert_meansparse(tiny_cnn(), x[:2], ms.MeanSparseConfig(stats_mode="official"))
     rb.calibrate(reference, DataLoader(TensorDataset(x), batch_size=512), progress=False)
-    restored = rb.load_calibration(tiny_cnn(), out, x[:2])
-    for site, m in rb.meansparse_modules(restored).items():
-        assert torch.equal(m.var, rb.meansparse_modules(reference)[site].var)
+    restored = ms.load_calibration(tiny_cnn(), out, x[:2])
+    for site, m in ms.meansparse_modules(restored).items():
+        assert torch.equal(m.var, ms.meansparse_modules(reference)[site].var)
 
 
 class _OOMAbove(nn.Module):
@@ -257,11 +258,11 @@ class _OOMAbove(nn.Module):
 def test_official_calibration_refuses_to_shrink_the_batch_on_oom(tiny_model, tiny_input) -> None:
     tiny_model.conv2 = nn.Sequential(_OOMAbove(3), tiny_model.conv2)
     twin = copy.deepcopy(tiny_model)
-    model = rb.insert_meansparse(tiny_model, tiny_input[:2], rb.MeanSparseConfig(stats_mode="official"))
+    model = ms.insert_meansparse(tiny_model, tiny_input[:2], ms.MeanSparseConfig(stats_mode="official"))
     with pytest.raises(OutOfMemory, match="official") as err:
         rb.calibrate(model, [tiny_input], progress=False)
     assert "\n" not in str(err.value) and "batch size 6" in str(err.value)
-    exact = rb.insert_meansparse(twin, tiny_input[:2], rb.MeanSparseConfig())
+    exact = ms.insert_meansparse(twin, tiny_input[:2], ms.MeanSparseConfig())
     rb.calibrate(exact, [tiny_input], progress=False)  # exact moments do not care: it backs off
 
 
@@ -270,8 +271,8 @@ def test_official_calibration_refuses_to_shrink_the_batch_on_oom(tiny_model, tin
 # ------------------------------------------------------------------------------------------
 def test_save_defense_saves_a_meansparse_calibration(tiny_model, tiny_input, tmp_path) -> None:
     fresh = copy.deepcopy(tiny_model)
-    config = rb.MeanSparseConfig(alpha=0.3)
-    model = rb.insert_meansparse(tiny_model, tiny_input, config)
+    config = ms.MeanSparseConfig(alpha=0.3)
+    model = ms.insert_meansparse(tiny_model, tiny_input, config)
     rb.calibrate(model, [tiny_input], progress=False)
     path = rb.save_defense(model, tmp_path / "ms.safetensors", config, model_info={"spec": "tiny"})
     restored = rb.load_defense(fresh, path, tiny_input)

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify.attacks import AttackConfig, build_attack, make_autoattack
 from robustify.cli import build_parser, main
-from robustify.evaluate import EvalResult, audit, evaluate
-from robustify.fast import for_evaluation
-from robustify.leaderboard import build_table, collect, model_info
+from robustify.evaluation.engine import EvalResult, audit, evaluate
+from robustify.evaluation.fast import for_evaluation
+from robustify.reporting.leaderboard import build_table, collect, model_info
 from tinynets import tiny_cnn
 
 EPS = 2 / 255
@@ -29,7 +30,7 @@ def images() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def defended(images):
     """Tiny CNN with calibrated MeanSparse; labels = its own clean predictions."""
-    model = rb.insert_meansparse(tiny_cnn(), images[:2], rb.MeanSparseConfig(alpha=0.3))
+    model = ms.insert_meansparse(tiny_cnn(), images[:2], ms.MeanSparseConfig(alpha=0.3))
     rb.calibrate(model, [images], progress=False)
     with torch.no_grad():
         y = model(images).argmax(1)
@@ -76,11 +77,11 @@ def test_cli_and_job_default_eps_follow_the_threat_model():
     assert _parse("--threat-model", "L2").attack.norm == "L2"
     assert _parse("--dataset", "imagenet").attack.eps == pytest.approx(4 / 255)
     assert _parse("--threat-model", "L2", "--eps", "0.25").attack.eps == pytest.approx(0.25)
-    job = rb.pipeline.EvaluationJob(model="tinynets:tiny_cnn", threat_model="L2")
+    job = rb.EvaluationJob(model="tinynets:tiny_cnn", threat_model="L2")
     assert (job.attack.norm, job.attack.eps) == ("L2", pytest.approx(0.5))
-    assert rb.pipeline.EvaluationJob(model="x", dataset="imagenet").attack.eps == pytest.approx(4 / 255)
+    assert rb.EvaluationJob(model="x", dataset="imagenet").attack.eps == pytest.approx(4 / 255)
     with pytest.raises(ValueError, match="dataset"):
-        rb.pipeline.EvaluationJob(model="x", dataset="imagenet", attack=AttackConfig())
+        rb.EvaluationJob(model="x", dataset="imagenet", attack=AttackConfig())
 
 
 def test_evaluate_prints_and_stores_the_eps_it_used(small_npz, tmp_path, capsys):
@@ -159,7 +160,7 @@ def test_l1_uses_autoattack_l1_settings():
 # ------------------------------------------------------------------------------------------
 def test_adaptive_attack_stays_adaptive_under_compile(images, one_thread):
     x = images[:4]
-    model = rb.insert_meansparse(tiny_cnn(), x[:2], rb.MeanSparseConfig(alpha=1.0))
+    model = ms.insert_meansparse(tiny_cnn(), x[:2], ms.MeanSparseConfig(alpha=1.0))
     rb.calibrate(model, [images], progress=False)
     with torch.no_grad():
         y = model(x).argmax(1)

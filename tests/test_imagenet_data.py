@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from robustify import ModelInfo, load_model
-from robustify.data import (
+from robustify.load.data import (
     DataError,
     class_spread_order,
     default_workers,
@@ -21,8 +21,8 @@ from robustify.data import (
     loader,
     to_tensors,
 )
-from robustify.pipeline import calibration_loader
-from robustify.preprocessing import build_transform, describe_transform, model_preprocessing
+from robustify.jobs.evaluate import calibration_loader
+from robustify.load.preprocessing import build_transform, describe_transform, model_preprocessing
 
 RB = Path(__import__("importlib").util.find_spec("robustbench").submodule_search_locations[0])
 SUBSET = (RB / "helper_files" / "imagenet_test_image_ids.txt").read_text().split()
@@ -108,7 +108,7 @@ def test_imagenet_holdout_spans_classes(tiny_imagenet: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # RobustBench's load_imagenet
 def test_imagenet_test_split_is_robustbench_subset(tiny_imagenet: Path) -> None:
-    from robustify._compat import import_robustbench
+    from robustify.core.compat import import_robustbench
 
     import_robustbench()
     from robustbench.data import PREPROCESSINGS, load_imagenet
@@ -151,7 +151,7 @@ def test_timm_model_gets_timm_preprocessing_without_normalize(image_folder: Path
 
 
 def test_robustbench_entry_preprocessing(image_folder: Path) -> None:
-    from robustify._compat import import_robustbench
+    from robustify.core.compat import import_robustbench
 
     import_robustbench()
     from robustbench.data import get_preprocessing

@@ -9,19 +9,14 @@ import timm
 import torch
 from torch import nn
 
-from robustify import (
-    InsertionError,
-    MeanSparseConfig,
-    NotCalibratedError,
-    bpda,
-    calibrate,
-    insert_meansparse,
-    meansparse_modules,
-    plan,
-    remove_meansparse,
-    set_alpha,
-)
-from robustify.meansparse import MeanSparse
+from robustify import InsertionError, NotCalibratedError, bpda, calibrate
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse import insert_meansparse
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.defenses.meansparse import plan
+from robustify.defenses.meansparse import remove_meansparse
+from robustify.defenses.meansparse import set_alpha
+from robustify.defenses.meansparse.module import MeanSparse
 
 CONVNEXT_ATTO_MLP = [160] * 2 + [320] * 2 + [640] * 6 + [1280] * 2  # 4 * dim, depths (2, 2, 6, 2)
 

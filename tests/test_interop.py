@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from robustify import bpda, defenses_disabled, meansparse_modules, set_alpha
-from robustify._compat import import_robustbench
-from robustify.interop import convert_published_meansparse, find_published_meansparse
-from robustify.meansparse import MeanSparse
+from robustify import bpda, defenses_disabled
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.defenses.meansparse import set_alpha
+from robustify.core.compat import import_robustbench
+from robustify.defenses.meansparse.interop import convert_published_meansparse, find_published_meansparse
+from robustify.defenses.meansparse.module import MeanSparse
 
 import_robustbench()
 from robustbench.model_zoo.architectures import Meansparse_swin_L, Meansparse_wrn_70_16, Meansparse_wrn_94_16  # noqa: E402

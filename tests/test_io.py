@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from robustify.io import atomic_path, write_json, write_text
+from robustify.core.io import atomic_path, write_json, write_text
 
 
 def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path):

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify.attacks import AttackConfig
-from robustify.evaluate import EvalResult, audit, evaluate
-from robustify.leaderboard import build_table, collect, to_markdown, write_leaderboard
+from robustify.evaluation.engine import EvalResult, audit, evaluate
+from robustify.reporting.leaderboard import build_table, collect, to_markdown, write_leaderboard
 from tinynets import tiny_cnn
 
 EPS = 2 / 255
@@ -32,10 +33,10 @@ def results_dir(tmp_path_factory):
                                       batch_size=8),
              out_dir=root / "base", meta={"model": "tiny", "defense": "none", "dataset": "synthetic",
                                           "not_applicable": {"bpda-apgd-ce": "no MeanSparse"}}, progress=False)
-    model = rb.insert_meansparse(tiny_cnn(), x[:2], rb.MeanSparseConfig())
+    model = ms.insert_meansparse(tiny_cnn(), x[:2], ms.MeanSparseConfig())
     rb.calibrate(model, [x], progress=False)
     for alpha in (0.2, 0.5):
-        rb.set_alpha(model, alpha)
+        ms.set_alpha(model, alpha)
         evaluate(model, x, y, config, out_dir=root / f"ms_{alpha}",
                  meta={"model": "tiny", "defense": "meansparse", "alpha": alpha, "dataset": "synthetic"},
                  progress=False)
@@ -140,7 +141,7 @@ def test_collect_skips_corrupted_results(results_dir, tmp_path, caplog):
 
 def test_crash_during_leaderboard_write_then_rerun(results_dir, tmp_path, monkeypatch):
     """A crash between two table writes leaves complete files; the rerun equals an uninterrupted run."""
-    import robustify.leaderboard as lb
+    import robustify.reporting.leaderboard as lb
 
     write_leaderboard(results_dir, tmp_path / "clean", plots=False)
 

@@ -10,19 +10,16 @@ import torch
 
 from torch import nn
 
-from robustify import (
-    MeanSparseConfig,
-    bpda,
-    calibrate,
-    fuse_meansparse,
-    insert_meansparse,
-    meansparse_modules,
-    remove_meansparse,
-    set_alpha,
-    unfuse_meansparse,
-)
-from robustify.fast import autocast, compile_model
-from robustify.meansparse import MeanSparse, MeanSparseReLU, _sparsify, _SparsifyReLU, exact_bounds
+from robustify import bpda, calibrate
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse import fuse_meansparse
+from robustify.defenses.meansparse import insert_meansparse
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.defenses.meansparse import remove_meansparse
+from robustify.defenses.meansparse import set_alpha
+from robustify.defenses.meansparse import unfuse_meansparse
+from robustify.evaluation.fast import autocast, compile_model
+from robustify.defenses.meansparse.module import MeanSparse, MeanSparseReLU, _sparsify, _SparsifyReLU, exact_bounds
 
 INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -276,7 +273,7 @@ def test_in_place_edits_of_the_buffers_are_picked_up() -> None:
 
 
 def test_for_evaluation_fuses_and_autocasts(tiny_model) -> None:
-    from robustify.fast import AutocastModel, for_evaluation
+    from robustify.evaluation.fast import AutocastModel, for_evaluation
 
     x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(10))
     model = insert_meansparse(tiny_model, x[:2], MeanSparseConfig(alpha=0.3))

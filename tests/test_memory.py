@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from robustify import MeanSparseConfig, calibrate, insert_meansparse, meansparse_modules
-from robustify.memory import BatchPlan, OutOfMemory, is_oom, run_batched, split_on_oom
+from robustify import calibrate
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse import insert_meansparse
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.core.memory import BatchPlan, OutOfMemory, is_oom, run_batched, split_on_oom
 
 
 def _fails_above(limit: int, calls: list[tuple[int, int]]):
@@ -25,7 +28,7 @@ def _fails_above(limit: int, calls: list[tuple[int, int]]):
 def test_run_batched_halves_on_oom_and_logs_the_batch_size(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[tuple[int, int]] = []
     plan: BatchPlan[torch.Tensor] = BatchPlan()
-    with caplog.at_level(logging.INFO, logger="robustify.memory"):
+    with caplog.at_level(logging.INFO, logger="robustify.core.memory"):
         results = run_batched(_fails_above(10, calls), 50, 32, what="attack", plan=plan)
     assert torch.equal(torch.cat(results), torch.arange(50) * 2)
     assert plan.batch_size == 8 and plan.backoffs == [16, 8]
@@ -109,7 +112,7 @@ def test_calibrate_backs_off_and_gives_the_same_statistics(tiny_model, caplog: p
     flaky.conv2 = torch.nn.Sequential(guard, flaky.conv2)  # after act1's site, before the others
     flaky = insert_meansparse(flaky, x[:2], MeanSparseConfig(alpha=0.2))
     guard.limit = 5
-    with caplog.at_level(logging.INFO, logger="robustify.memory"):
+    with caplog.at_level(logging.INFO, logger="robustify.core.memory"):
         counts = calibrate(flaky, DataLoader(TensorDataset(x), batch_size=16), progress=False)
     assert guard.failures >= 2
     assert "calibration: ran with batch size 4" in caplog.text

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from robustify import ModelLoadError, load_model, meansparse_modules
-from robustify.models import NormalizedModel, load_state_dict_file
+from robustify import ModelLoadError, load_model
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.load.models import NormalizedModel, load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,8 +180,8 @@ def test_checkpoint_that_does_not_fit(aa_model, tmp_path: Path) -> None:
 
 def test_load_model_converts_published_meansparse(monkeypatch: pytest.MonkeyPatch) -> None:
     """RobustBench's Amini2024MeanSparse_* models come back with robustify's MeanSparse modules."""
-    from robustify import _compat
-    from robustify import models as models_module
+    from robustify.core import compat as _compat
+    from robustify.load import models as models_module
 
     _compat.import_robustbench()
     from robustbench.model_zoo.architectures.Meansparse_wrn_94_16 import MeanSparse_DMWideResNet
@@ -219,42 +220,29 @@ def _site_packages() -> list[str]:
 
 def test_import_robustbench_through_compat_in_fresh_process() -> None:
     result = _run(
-        "import robustify._compat as c; rb = c.import_robustbench(); import autoattack, robustbench;"
+        "import robustify.core.compat as c; rb = c.import_robustbench(); import autoattack, robustbench;"
         "from autoattack import AutoAttack; print(rb.__name__, AutoAttack.__mro__[1].__module__)"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["robustbench", "pyautoattack.autoattack"]
 
 
-def test_import_robustbench_through_the_pth_file(tmp_path: Path) -> None:
-    """The wheel's .pth file installs the alias that `import robustbench` needs (`from autoattack import AutoAttack`).
-
-    Runs with ``-S`` (no automatic .pth processing) and site-packages on the path, so that an
-    installed copy of the .pth does not hide a broken one: first without the alias (no
-    `autoattack` to import), then with the repository's .pth processed by ``site.addsitedir``.
-    """
-    site_dir = tmp_path / "site"
-    site_dir.mkdir()
-    shutil.copy(REPO / "robustify-autoattack-alias.pth", site_dir)
-    shutil.copy(REPO / "_robustify_autoattack_alias.py", site_dir)
+def test_importing_robustify_makes_robustbench_client_code_work_and_changes_nothing_before() -> None:
+    """Issue 18 item 5: no start-up hook in the environment. A fresh interpreter has no `autoattack` alias until
+    robustify is imported; after `import robustify`, RobustBench's own `from autoattack import AutoAttack` works."""
     code = (
-        f"import sys; sys.path[1:1] = {_site_packages()!r}; import site, importlib.util as u\n"
-        "print('without:', u.find_spec('autoattack'))\n"
-        f"site.addsitedir({str(site_dir)!r})\n"
+        "import importlib.util as u, sys\n"
+        "print('before:', u.find_spec('autoattack'))\n"
+        "import robustify, robustbench\n"
         "from autoattack import AutoAttack; import autoattack.state\n"
-        "print('with:', AutoAttack.__mro__[1].__module__, autoattack.state.__name__)"
+        "print('after:', AutoAttack.__mro__[1].__module__, autoattack.state.__name__)"
     )
-    result = _run(code, "-S")
+    result = _run(code)
     assert result.returncode == 0, result.stderr
-    without, with_alias = result.stdout.strip().split("\n")
-    if without != "without: None":
+    before, after = result.stdout.strip().split("\n")
+    if before != "before: None":
         pytest.skip("a real `autoattack` package is installed: the alias is not used")
-    assert with_alias == "with: pyautoattack.autoattack pyautoattack.state"
+    assert after == "after: pyautoattack.autoattack pyautoattack.state"
+    assert not any(Path(d, "robustify-autoattack-alias.pth").is_file() for d in _site_packages())
 
 
-def test_installed_pth_makes_import_robustbench_work() -> None:
-    if not any((Path(d) / "robustify-autoattack-alias.pth").is_file() for d in _site_packages()):
-        pytest.skip("robustify is not pip-installed here (the .pth file is installed by `pip install -e .`)")
-    result = _run("import robustbench, autoattack; print(autoattack.AutoAttack.__mro__[1].__module__)")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "pyautoattack.autoattack"

@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import robustify as rb
-import robustify.evaluate as engine
-from robustify import attacks, journal, results, train
+import robustify.evaluation.engine as engine
+from robustify import attacks
+from robustify.evaluation import journal
+from robustify.evaluation import results
+from robustify.jobs import train
 from robustify.attacks import AttackConfig, build_attack
 from tinynets import tiny_cnn
 
@@ -28,7 +31,7 @@ def data() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-def test_rb_evaluate_is_the_function_and_still_the_module(data, tmp_path) -> None:
+def test_rb_evaluate_is_the_engine_function(data, tmp_path) -> None:
     model, x, y = data
     config = AttackConfig(eps=EPS, attacks=("apgd-ce",), apgd_iters=2, batch_size=4)
     called = rb.evaluate(model, x, y, config, out_dir=tmp_path, progress=False)
@@ -36,7 +39,7 @@ def test_rb_evaluate_is_the_function_and_still_the_module(data, tmp_path) -> Non
     assert isinstance(called, rb.EvalResult)
     assert called.per_example == direct.per_example and called.attack_acc == direct.attack_acc
     assert rb.load_result(tmp_path).per_example == called.per_example
-    assert rb.evaluate is engine and "out_dir" in inspect.signature(rb.evaluate).parameters
+    assert rb.evaluate is engine.evaluate and "out_dir" in inspect.signature(rb.evaluate).parameters
 
 
 def test_schema_and_journal_live_in_their_own_modules_and_are_re_exported() -> None:
@@ -44,7 +47,7 @@ def test_schema_and_journal_live_in_their_own_modules_and_are_re_exported() -> N
     assert engine.load_result is results.load_result and engine.audit is results.audit
     assert engine.Journal is journal.Journal and engine._locked is journal.locked
     assert engine.EvaluationLockedError is journal.EvaluationLockedError
-    assert results.EvalResult.__module__ == "robustify.results" and journal.Journal.__module__ == "robustify.journal"
+    assert results.EvalResult.__module__ == "robustify.evaluation.results" and journal.Journal.__module__ == "robustify.evaluation.journal"
 
 
 def test_training_and_the_pgd_attack_share_attacks_pgd(data) -> None:

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
-from robustify import audit as audit_suite
-from robustify import evaluate, leaderboard
-from robustify.leaderboard import build_table, collect, write_leaderboard
-from robustify.page import FLAG_EXPLANATIONS, render_page, to_latex
+from robustify.evaluation import audit as audit_suite
+from robustify import evaluate
+from robustify.reporting import leaderboard
+from robustify.reporting.leaderboard import build_table, collect, write_leaderboard
+from robustify.reporting.page import FLAG_EXPLANATIONS, render_page, to_latex
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "leaderboard" / "results"

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robustify.meansparse import MeanSparse, bpda
-from robustify.stats import RunningMoments
+from robustify.defenses.meansparse.module import MeanSparse, bpda
+from robustify.core.stats import RunningMoments
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

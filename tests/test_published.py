@@ -16,14 +16,16 @@ import pytest
 import torch
 from torch import nn
 
+from robustify.defenses import meansparse as ms
 import robustify
-from robustify import InsertionError, MeanSparseConfig
-from robustify.attacks import _capture_site_inputs
-from robustify.insert import fuse_meansparse, insert_meansparse, plan, remove_meansparse
-from robustify.interop import _channel_dim as published_channel_dim
-from robustify.interop import find_published_meansparse
-from robustify.meansparse import meansparse_modules
-from robustify.state import sidecar_path
+from robustify import InsertionError
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse.module import capture_site_inputs as _capture_site_inputs
+from robustify.defenses.meansparse.insert import fuse_meansparse, insert_meansparse, plan, remove_meansparse
+from robustify.defenses.meansparse.interop import _channel_dim as published_channel_dim
+from robustify.defenses.meansparse.interop import find_published_meansparse
+from robustify.defenses.meansparse.module import meansparse_modules
+from robustify.defenses.meansparse.state import sidecar_path
 
 pytest.importorskip("robustbench")
 timm = pytest.importorskip("timm")
@@ -99,7 +101,7 @@ def assert_same_placement(base: nn.Module, published: nn.Module, x: torch.Tensor
             theirs[b].running_mean.copy_(mean)
             theirs[b].running_var.copy_(var)
             theirs[b].threshold.fill_(ALPHA)
-    robustify.set_alpha(ours, ALPHA)
+    ms.set_alpha(ours, ALPHA)
     with torch.no_grad():
         ours_logits, theirs_logits = ours(x), published(x)
     assert not torch.equal(ours_logits, base_logits)  # the sites do cut
@@ -225,7 +227,7 @@ def test_output_sites_calibrate_alpha_bpda_capture_fuse_save_load_remove(one_thr
     assert keys < set(model.state_dict()) and all("meansparse" in k for k in set(model.state_dict()) - keys)
     assert {f"{b}.meansparse_out.mean" for b in blocks} <= set(model.state_dict())
 
-    counts = robustify.calibrate(model, [x[:4], x[4:]], progress=False)
+    counts = robustify.defenses.meansparse.calibrate(model, [x[:4], x[4:]], progress=False)
     for name, out in block_out.items():  # exact statistics of the block outputs (after the residual add)
         assert counts[name] == out.numel() // out.shape[1]
         torch.testing.assert_close(sites[name].mean, out.mean((0, 2, 3)))
@@ -237,14 +239,14 @@ def test_output_sites_calibrate_alpha_bpda_capture_fuse_save_load_remove(one_thr
         model(x)
     assert all(torch.equal(captured[n], block_out[n]) for n in blocks)  # the adaptive attack sees them
 
-    robustify.set_alpha(model, 0.5)
+    ms.set_alpha(model, 0.5)
     with torch.no_grad():
         cut = model(x)
     assert not torch.equal(cut, base_logits)
-    robustify.set_alpha(model, {n: 0.0 for n in sites if n not in blocks})
+    ms.set_alpha(model, {n: 0.0 for n in sites if n not in blocks})
     with torch.no_grad():  # the output sites alone cut (with one alpha everywhere they are
         assert not torch.equal(model(x), base_logits)  # redundant here: each feeds BN -> MeanSparse)
-    robustify.set_alpha(model, 0.5)
+    ms.set_alpha(model, 0.5)
 
     xg = x.clone().requires_grad_(True)
     with robustify.bpda(model):
@@ -252,11 +254,11 @@ def test_output_sites_calibrate_alpha_bpda_capture_fuse_save_load_remove(one_thr
     torch.testing.assert_close(bpda_out, cut, rtol=0, atol=0)
     assert xg.grad is None and torch.autograd.grad(bpda_out.sum(), xg)[0].abs().sum() > 0
 
-    path = robustify.save_calibration(model, tmp_path / "calib.safetensors", config=config)
+    path = ms.save_calibration(model, tmp_path / "calib.safetensors", config=config)
     meta = json.loads(sidecar_path(path).read_text())
     assert meta["config"]["outputs"] == ["layer.?.block.?"]
-    fresh = robustify.load_calibration(_relu_wrn(), path, x[:1])
-    robustify.set_alpha(fresh, 0.5)
+    fresh = ms.load_calibration(_relu_wrn(), path, x[:1])
+    ms.set_alpha(fresh, 0.5)
     with torch.no_grad():
         assert torch.equal(fresh(x), cut)
 

@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from robustify.defenses import sparta as sparta_pkg
+from robustify.defenses import meansparse as ms
 import robustify as rb
 from robustify import defenses
 from robustify.cli import main
 from robustify.cli import train  # noqa: F401 - registers the "train" command
 from robustify.cli.common import COMMANDS
-from robustify.pipeline import EvaluationJob, run_evaluation
-from robustify.smoothrelu import SmoothReLU, SmoothReLUConfig
-from robustify.train import TrainConfig, defense_kind, load_defense, save_defense, train_defense
+from robustify.jobs.evaluate import EvaluationJob, run_evaluation
+from robustify.defenses.activations.smoothrelu import SmoothReLU, SmoothReLUConfig
+from robustify.defenses import defense_kind, load_defense, save_defense
+from robustify.jobs.train import TrainConfig, train_defense
 from tinynets import tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +52,7 @@ def test_every_name_is_registered_once_with_its_properties() -> None:
     assert not defenses.get_defense("meansparse").differentiable
     assert not defenses.get_defense("meansparse").trainable
     assert defenses.get_defense("smoothrelu").differentiable and defenses.get_defense("smoothrelu").trainable
-    assert defenses.defense_names(trainable=True) == rb.train.DEFENSES
+    assert defenses.defense_names(trainable=True) == tuple(h for h in defenses.defense_names() if defenses.get_defense(h).trainable)
     with pytest.raises(ValueError, match="already registered"):
         rb.register_defense(defenses.get_defense("smoothrelu").__class__(
             **{**vars(defenses.get_defense("smoothrelu")), "names": ("silu",)}))
@@ -58,17 +61,17 @@ def test_every_name_is_registered_once_with_its_properties() -> None:
 
 
 def test_apply_records_the_config_and_save_takes_it_from_the_model(tmp_path: Path) -> None:
-    config = rb.SpartaConfig(init="identity", preset="all")
+    config = sparta_pkg.SpartaConfig(init="identity", preset="all")
     model = rb.apply_defense(tiny_cnn(), EXAMPLE, config)
     assert model.robustify_defense == config
     path = save_defense(model, tmp_path / "sparta.safetensors")  # no config: the recorded one
     assert json.loads((tmp_path / "sparta.safetensors.json").read_text())["config"] == config.to_dict()
     loaded = load_defense(tiny_cnn(), path, EXAMPLE)
     assert loaded.robustify_defense == config
-    ms = rb.apply_defense(tiny_cnn(), EXAMPLE, rb.MeanSparseConfig(alpha=0.3))
-    assert rb.meansparse_modules(ms) and ms.robustify_defense.alpha == 0.3
-    rb.remove_defense(ms)
-    assert not rb.meansparse_modules(ms) and not hasattr(ms, "robustify_defense")
+    defended = rb.apply_defense(tiny_cnn(), EXAMPLE, ms.MeanSparseConfig(alpha=0.3))
+    assert ms.meansparse_modules(defended) and defended.robustify_defense.alpha == 0.3
+    rb.remove_defense(defended)
+    assert not ms.meansparse_modules(defended) and not hasattr(defended, "robustify_defense")
     with pytest.raises(ValueError, match="carries no defense config"):
         save_defense(tiny_cnn(), tmp_path / "none.safetensors")
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy.stats import beta, binom
 
-from robustify.leaderboard import build_table, to_markdown
-from robustify.significance import clopper_pearson, find_base, mcnemar_exact, paired_comparison, verdict
+from robustify.reporting.leaderboard import build_table, to_markdown
+from robustify.core.significance import clopper_pearson, find_base, mcnemar_exact, paired_comparison, verdict
 
 
 def _cp_by_beta(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
@@ -117,7 +117,7 @@ def test_fingerprints_decide_when_present():
 def test_model_info_is_valid_json_with_missing_attacks(tmp_path):
     import json
 
-    from robustify.leaderboard import model_info
+    from robustify.reporting.leaderboard import model_info
 
     base = _result("none", [1, 0, 1, 1])
     defended = _result("meansparse", [1, 1, 1, 1], attacks=("apgd-ce", "bpda-apgd-ce"))

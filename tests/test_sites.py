@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from robustify import load_model
-from robustify.sites import is_activation, modularize, plan_sites, probe, select_sites
+from robustify.defenses.sites import is_activation, modularize, plan_sites, probe, select_sites
 
 
 class Functional(nn.Module):
@@ -169,7 +169,7 @@ def test_aa_resnet18_has_17_functional_relu_sites(aa_model) -> None:
 
 
 def _site(name: str, order: int, owner: str = "") -> "object":
-    from robustify.sites import Site
+    from robustify.defenses.sites import Site
 
     return Site(name=name, activation="ReLU", channel_dim=1, channels=4, input_shape=(1, 4), order=order, owner_class=owner)
 

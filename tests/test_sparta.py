@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustify.insert import InsertionError
-from robustify.sparta import (
+from robustify.defenses.meansparse.insert import InsertionError
+from robustify.defenses.sparta.module import (
     Sparta,
     SpartaConfig,
     insert_sparta,
@@ -20,7 +20,7 @@ from robustify.sparta import (
     save_sparta,
     sparta_modules,
 )
-from robustify.state import StateMismatchError
+from robustify.defenses.meansparse.state import StateMismatchError
 from tinynets import seeded_resnet18
 
 PAPER_SITES = ["layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]

@@ -12,17 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustify import (
-    MeanSparseConfig,
-    StateMismatchError,
-    calibrate,
-    insert_meansparse,
-    load_calibration,
-    meansparse_modules,
-    save_calibration,
-)
-from robustify import defense_file as defense_file_module
-from robustify.state import content_digest, sidecar_path
+from robustify import StateMismatchError, calibrate
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse import insert_meansparse
+from robustify.defenses.meansparse import load_calibration
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.defenses.meansparse import save_calibration
+from robustify.defenses import file as defense_file_module
+from robustify.defenses.meansparse.state import content_digest, sidecar_path
 
 
 def _calibrated(model: nn.Module, x: torch.Tensor, config: MeanSparseConfig) -> nn.Module:

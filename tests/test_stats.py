@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from robustify import MeanSparseConfig, calibrate, insert_meansparse, load_model, meansparse_modules
-from robustify.meansparse import MeanSparse
-from robustify.stats import RunningMoments, batch_moments
+from robustify import calibrate, load_model
+from robustify.defenses.meansparse import MeanSparseConfig
+from robustify.defenses.meansparse import insert_meansparse
+from robustify.defenses.meansparse import meansparse_modules
+from robustify.defenses.meansparse.module import MeanSparse
+from robustify.core.stats import RunningMoments, batch_moments
 
 REL = 1e-6
 

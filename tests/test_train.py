@@ -13,20 +13,12 @@ from torch import nn
 
 import robustify
 from robustify.cli import main
-from robustify.state import StateMismatchError
-from robustify.train import (
-    DEFENSES,
-    TrainConfig,
-    apply_defense,
-    defense_config,
-    defense_kind,
-    defense_parameters,
-    evaluate_pgd,
-    load_defense,
-    pgd,
-    save_defense,
-    train_defense,
-)
+from robustify.defenses.meansparse.state import StateMismatchError
+from robustify.defenses import (apply_defense, defense_config, defense_kind, defense_names, defense_parameters,
+                                load_defense, save_defense)
+from robustify.jobs.train import TrainConfig, evaluate_pgd, pgd, train_defense
+
+DEFENSES = defense_names(trainable=True)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -281,4 +273,4 @@ def test_cli_transfer_trains_the_backbone_around_a_frozen_pretrained_sparta(tmp_
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # frozen
     model, info = robustify.load_model("aa-resnet18", pretrained=False)
     loaded = load_defense(model, target, info.example_input())
-    assert list(robustify.sparta.sparta_modules(loaded)) == ["layer4.1.relu_1"]
+    assert list(robustify.defenses.sparta.module.sparta_modules(loaded)) == ["layer4.1.relu_1"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from robustify import ModelLoadError, load_model
-from robustify.config import MeanSparseConfig
-from robustify.insert import plan
+from robustify.defenses.meansparse.config import MeanSparseConfig
+from robustify.defenses.meansparse.insert import plan
 
 # small entries (<= 61M parameters; benchmarks/zoo_sweep.py runs them all) covering the kinds of zoo entry: plain architectures, and the
 # zoo's own bugs (misspelt timm names, lambdas that download weights while building)
@@ -41,7 +41,7 @@ def test_timm_served_entries_are_built_as_robustbench_loads_them() -> None:
     """robustbench.utils.load_model serves these through timm under this name, not through the entry's lambda."""
     import timm
 
-    from robustify.zoo import robustbench_timm_name, zoo_entries
+    from robustify.load.zoo import robustbench_timm_name, zoo_entries
 
     served = [(d, t, n) for d, t, n in zoo_entries() if timm.is_model(robustbench_timm_name(n, d, t))]
     assert ("cifar10", "Linf", "Debenedetti2022Light_XCiT-S12") in served
@@ -53,7 +53,7 @@ def test_an_entry_that_does_not_build_is_a_one_line_error() -> None:
     def broken() -> torch.nn.Module:
         raise RuntimeError("Unknown model (some_misspelt_name)\nsecond line")
 
-    from robustify.zoo import build_architecture
+    from robustify.load.zoo import build_architecture
 
     with pytest.raises(ModelLoadError) as exc:
         build_architecture("Nobody2024Broken", "cifar10", "Linf", {"model": broken, "gdrive_id": "x"})
@@ -62,7 +62,7 @@ def test_an_entry_that_does_not_build_is_a_one_line_error() -> None:
 
 
 def test_checkpoint_paths_follow_robustbench_load_model() -> None:
-    from robustify.zoo import checkpoint_paths
+    from robustify.load.zoo import checkpoint_paths
 
     single = {"gdrive_id": "abc"}
     assert checkpoint_paths("/c", "Ding2020MMA", "cifar10", "Linf", single) == [Path("/c/cifar10/Linf/Ding2020MMA.pt")]
@@ -160,7 +160,7 @@ class _CudaConstants(torch.nn.Module):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds as written where CUDA exists")
 def test_an_entry_that_calls_cuda_builds_on_a_cpu_only_machine() -> None:
-    from robustify.zoo import build_architecture
+    from robustify.load.zoo import build_architecture
 
     with pytest.raises((RuntimeError, AssertionError)):
         _CudaConstants()

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import distributed
-from ..errors import first_line
-from . import calibrate, evaluate, train  # noqa: F401 - they register their commands, in --help's order
-from .common import COMMANDS, register_command
+from robustify.core import distributed
+from robustify.core.errors import first_line
+from robustify.cli import calibrate  # noqa: F401 - they register their commands, in --help's order
+from robustify.cli import evaluate
+from robustify.cli import train
+from robustify.cli.common import COMMANDS, register_command
 
 logger = logging.getLogger("robustify")
 

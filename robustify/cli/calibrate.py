@@ -7,13 +7,13 @@ import argparse
 import json
 import logging
 
-from .. import distributed
-from ..defenses import defense_config, defense_names, get_defense, plan_defense
-from ..insert import plan
-from ..pipeline import EvaluationJob, calibrate_meansparse
-from .common import (DATA_FLAGS, add_meansparse_args, add_model_args, load_model_from_args, meansparse_config,
+from robustify.core import distributed
+from robustify.defenses import defense_config, defense_names, get_defense, plan_defense
+from robustify.defenses.meansparse.insert import plan
+from robustify.jobs.evaluate import EvaluationJob, calibrate_defense
+from robustify.cli.common import (DATA_FLAGS, add_meansparse_args, add_model_args, load_model_from_args, meansparse_config,
                      register_command)
-from .flags import ConfigFlags
+from robustify.cli.flags import ConfigFlags
 
 logger = logging.getLogger("robustify")
 
@@ -79,7 +79,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 @register_command("calibrate", "insert MeanSparse, calibrate in one pass, save the statistics", _calibrate_args)
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     model, info = load_model_from_args(args)
-    _, counts = calibrate_meansparse(model, info, meansparse_config(args), args.out, data=args.data,
+    _, counts = calibrate_defense(model, info, meansparse_config(args), args.out, data=args.data,
                                      holdout=args.holdout, n_calib=args.n_calib, batch_size=args.batch_size,
                                      cache_dir=args.cache_dir, workers=args.workers, device=args.device)
     if distributed.is_main():

@@ -13,10 +13,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from ..config import MeanSparseConfig, parse_site_alpha
-from ..models import ModelInfo, load_model
-from ..pipeline import EvaluationJob
-from .flags import ConfigFlags, field_default
+from robustify.defenses.meansparse.config import MeanSparseConfig, parse_site_alpha
+from robustify.load.models import ModelInfo, load_model
+from robustify.jobs.evaluate import EvaluationJob
+from robustify.cli.flags import ConfigFlags, field_default
 
 __all__ = ["COMMANDS", "register_command"]
 
@@ -46,7 +46,7 @@ MEANSPARSE_FLAGS = ConfigFlags(
                        "stats_mode"),
     parse={"site_alpha": parse_site_alpha}, choices={"stats_mode": ("exact", "official")})
 #: the evaluation's MeanSparse defaults (alpha 0.2), those of every command with MeanSparse flags
-MEANSPARSE_DEFAULTS: MeanSparseConfig = field_default(EvaluationJob, "meansparse")
+MEANSPARSE_DEFAULTS: MeanSparseConfig = MeanSparseConfig(alpha=0.2)
 DATA_FLAGS = ConfigFlags(EvaluationJob, ("data", "holdout", "n_calib", "workers"))
 WORKERS_FLAGS = ConfigFlags(EvaluationJob, ("workers",))
 

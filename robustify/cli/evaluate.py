@@ -1,7 +1,7 @@
 """CLI commands for evaluation: ``evaluate``, ``audit``, ``sweep``, ``leaderboard`` and the main job ``run``.
 
-Their config flags are made from :class:`~robustify.pipeline.EvaluationJob`,
-:class:`~robustify.attacks.AttackConfig` and :class:`~robustify.audit.AuditConfig`; the defaults a
+Their config flags are made from :class:`~robustify.jobs.evaluate.EvaluationJob`,
+:class:`~robustify.attacks.AttackConfig` and :class:`~robustify.evaluation.audit.AuditConfig`; the defaults a
 command sets otherwise are the ``*_DEFAULTS`` mappings below.
 """
 
@@ -16,21 +16,24 @@ from typing import Any
 
 import torch
 
-from .. import distributed
-from ..attacks import AttackConfig, threat_norm
-from ..audit import AuditConfig, audit_job
-from ..config import MeanSparseConfig, format_eps
-from ..data import load_model_data, to_tensors
-from ..fast import PRECISIONS
-from ..leaderboard import to_markdown, write_leaderboard, write_result_table
-from ..meansparse import set_alpha
-from ..models import load_model
-from ..pipeline import EvaluationJob, not_robust_warning, run_evaluation, sweep_alpha
-from ..results import EvalResult
-from ..state import load_calibration
-from .common import (DATA_FLAGS, MEANSPARSE_DEFAULTS, MODEL_FLAGS, WORKERS_FLAGS, add_meansparse_args,
+from robustify.core.errors import UserError
+from robustify.core import distributed
+from robustify.attacks import AttackConfig, threat_norm
+from robustify.evaluation.audit import AuditConfig, audit_job
+from robustify.core.config import format_eps
+from robustify.defenses.meansparse.config import MeanSparseConfig
+from robustify.load.data import load_model_data, to_tensors
+from robustify.evaluation.fast import PRECISIONS
+from robustify.reporting.leaderboard import to_markdown, write_leaderboard, write_result_table
+from robustify.defenses.meansparse.module import set_alpha
+from robustify.load.models import load_model
+from robustify.jobs.evaluate import EvaluationJob, not_robust_warning, run_evaluation
+from robustify.jobs.sweep import sweep
+from robustify.evaluation.results import EvalResult
+from robustify.defenses.meansparse.state import load_calibration
+from robustify.cli.common import (DATA_FLAGS, MEANSPARSE_DEFAULTS, MODEL_FLAGS, WORKERS_FLAGS, add_meansparse_args,
                      add_model_args, meansparse_config, register_command)
-from .flags import ConfigFlags, comma_list, field_names
+from robustify.cli.flags import ConfigFlags, comma_list, field_names
 
 logger = logging.getLogger("robustify")
 
@@ -78,7 +81,8 @@ def _add_job_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None
 
 def job_from_args(args: argparse.Namespace) -> EvaluationJob:
     return EvaluationJob(model=args.model, **MODEL_FLAGS.values(args), **DATA_FLAGS.values(args),
-                         **JOB_FLAGS.values(args), meansparse=meansparse_config(args), attack=attack_config(args))
+                         **JOB_FLAGS.values(args), attack=attack_config(args),
+                         defense_config=meansparse_config(args) if args.defense == "meansparse" else None)
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -151,11 +155,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     try:
         alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     except ValueError:
-        raise ValueError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
-    result = sweep_alpha(job_from_args(args), alphas, max_clean_drop=args.max_clean_drop)
+        raise UserError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    result = sweep(job_from_args(args), alphas, max_clean_drop=args.max_clean_drop)
     for row in result.curve:
         print(f"alpha {row['alpha']:<5g} clean {row['clean_acc']:.2f}%  worst case {row['worst_case_acc']:.2f}%")
-    print(f"chosen alpha: {result.chosen_alpha}  ({result.rule})")
+    print(f"chosen {result.setting}: {result.chosen}  ({result.rule})")
     return 0
 
 
@@ -168,7 +172,7 @@ def _leaderboard_args(p: argparse.ArgumentParser) -> None:
 @register_command("leaderboard", "rebuild the leaderboard tables and plots from results alone", _leaderboard_args)
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     if not Path(args.results).is_dir():
-        raise ValueError(f"results directory {args.results!r} does not exist")
+        raise UserError(f"results directory {args.results!r} does not exist")
     print(to_markdown(write_leaderboard(args.results, args.out, plots=args.plots)))
     return 0
 

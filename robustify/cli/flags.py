@@ -12,6 +12,7 @@ in ``parse``: the text is converted after parsing, so a bad value gets the libra
 """
 
 from __future__ import annotations
+from robustify.core.errors import UserError
 
 import argparse
 import dataclasses
@@ -130,7 +131,7 @@ class ConfigFlags:
         known = {f.name for f in dataclasses.fields(self.config)}
         unknown = sorted(set(self.fields) - known)
         if unknown:
-            raise ValueError(f"{self.config.__name__} has no field(s) {unknown}")
+            raise UserError(f"{self.config.__name__} has no field(s) {unknown}")
 
     def flag(self, name: str) -> str:
         return "--" + self.names.get(name, self.prefix + name.replace("_", "-"))

@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from ..config import parse_eps
-from ..data import load_model_data, to_tensors
-from ..defenses import applied_config, defense_names, get_defense
-from ..sparta import load_sparta
-from ..train import SCHEDULES, TrainConfig, apply_defense, defense_config, evaluate_pgd, save_defense, train_defense
-from .common import DATA_FLAGS, add_model_args, load_model_from_args, register_command
-from .flags import ConfigFlags, field_names
+from robustify.core.errors import UserError
+from robustify.core.config import parse_eps
+from robustify.load.data import load_model_data, to_tensors
+from robustify.defenses import applied_config, apply_defense, defense_config, defense_names, get_defense, save_defense
+from robustify.defenses.sparta.module import load_sparta
+from robustify.jobs.train import SCHEDULES, TrainConfig, evaluate_pgd, train_defense
+from robustify.cli.common import DATA_FLAGS, add_model_args, load_model_from_args, register_command
+from robustify.cli.flags import ConfigFlags, field_names
 
 logger = logging.getLogger("robustify")
 
@@ -94,7 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the inserted modules' initial weights
     if args.transfer:
         if not args.defense.startswith("sparta"):
-            raise ValueError("--transfer loads a pretrained Sparta: use it with --defense sparta or sparta-nodp")
+            raise UserError("--transfer loads a pretrained Sparta: use it with --defense sparta or sparta-nodp")
         model = load_sparta(model, args.transfer, example, mapping="auto", freeze=True)
         defense = applied_config(model)  # the file's config, recorded by the loader
     else:

@@ -1,0 +1,343 @@
+"""The evaluation engine: the "attack" step, with per-example bookkeeping and resume.
+
+:func:`evaluate` runs clean accuracy and then each attack of an
+:class:`~robustify.attacks.AttackConfig`, batch by batch. By default (as AutoAttack does)
+an attack only sees the examples no earlier attack broke; with ``individual=True`` every
+attack sees every correctly classified example. Per example it records who broke it; the
+worst-case robust accuracy is the share of examples that nothing broke.
+
+Every finished batch is appended to ``<out>/journal.jsonl`` (flushed and fsynced) before the
+next starts. Rerunning the same evaluation on the same directory replays the journal and
+runs only what is missing, so a run killed at any point (even ``kill -9``) resumes with
+the same final numbers: each batch reseeds its attack, and batches are formed from the
+journal alone. A partially written last line is ignored. ``<out>/result.json`` is written
+atomically at the end. A lock file refuses a second evaluation writing the same directory.
+
+The journal and lock are :mod:`robustify.evaluation.journal`; the result schema and its flags
+:mod:`robustify.evaluation.results`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustify.core import distributed
+from robustify._version import __version__
+from robustify.attacks import AttackConfig, build_attack, make_autoattack
+from robustify.core.config import format_eps
+from robustify.evaluation.cost import PassCounter, summarise
+from robustify.load.data import validate_batch
+from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError
+from robustify.core.io import write_json
+from robustify.evaluation.journal import JOURNAL_FILE, LOCK_FILE, Journal, data_fingerprint, locked
+from robustify.core.memory import split_on_oom
+from robustify.evaluation.results import AUDIT_MARGIN, RESULT_FILE, EvalResult, audit, load_result
+
+logger = logging.getLogger(__name__)
+
+# The schema (EvalResult, load_result, audit) lives in robustify.evaluation.results and the journal and lock in
+# robustify.evaluation.journal; they are re-exported here, where they were first defined.
+__all__ = ["AUDIT_MARGIN", "JOURNAL_FILE", "LOCK_FILE", "RESULT_FILE", "EvalResult", "EvaluationLockedError", "Journal",
+           "JournalMismatchError", "audit", "evaluate", "load_result"]
+
+_locked = locked
+
+
+# ------------------------------------------------------------------------------------------
+# AutoAttack's own checks
+# ------------------------------------------------------------------------------------------
+class _CaptureWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg not in self.messages:
+            self.messages.append(msg)
+
+
+@contextlib.contextmanager
+def _autoattack_warnings() -> Iterator[_CaptureWarnings]:
+    handler = _CaptureWarnings()
+    aa_logger = logging.getLogger("auto-attack")
+    aa_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        aa_logger.removeHandler(handler)
+
+
+def _run_autoattack_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig) -> None:
+    from pyautoattack import checks
+
+    aa_logger = logging.getLogger("auto-attack")
+    checks.check_randomized(model, x, y, bs=x.shape[0], logger=aa_logger)
+    n_cls = checks.check_range_output(model, x, logger=aa_logger)
+    checks.check_dynamic(model, x, False, logger=aa_logger)
+    aa = make_autoattack(model, config, x.device)
+    checks.check_n_classes(n_cls, list(config.attacks), aa.apgd_targeted.n_target_classes,
+                           aa.fab.n_target_classes, logger=aa_logger)
+
+
+# ------------------------------------------------------------------------------------------
+# engine
+# ------------------------------------------------------------------------------------------
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig, attack: str) -> None:
+    d = (x_adv - x).flatten(1)
+    size = {"Linf": d.abs().amax(1), "L2": d.norm(dim=1), "L1": d.abs().sum(1)}[config.norm]
+    if (size > config.eps * (1 + 1e-4) + 1e-6).any() or x_adv.min() < -1e-6 or x_adv.max() > 1 + 1e-6:
+        raise RuntimeError(f"attack {attack} returned points outside the {config.norm} ball of radius {config.eps:g} or [0,1]")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"robustify": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("pyautoattack", "timm", "robustbench"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: AttackConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+    source_model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    num_classes: int | None = None,
+    input_size: tuple[int, ...] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Attack ``model`` on ``(x, y)`` and return per-example and aggregate results.
+
+    Args:
+        model: the model to evaluate (inputs in [0, 1]); MeanSparse modules, if any, must be
+            calibrated.
+        x, y: test images (N, C, H, W) in [0, 1] and labels.
+        config: attacks, threat model and budgets.
+        out_dir: where to keep the journal and ``result.json`` (resumable); None keeps
+            everything in memory.
+        meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
+        source_model: the transfer attack's source (default: ``model`` with MeanSparse disabled).
+        num_classes: to validate labels.
+        input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
+    """
+    config = config or AttackConfig()
+    meta = dict(meta or {})
+    if x.shape[0] == 0:
+        raise DataError("there are no examples to evaluate")
+    validate_batch(x, y, num_classes, input_size=input_size)
+    n = x.shape[0]
+    directory = Path(out_dir) if out_dir is not None else None
+    header = {
+        "config": config.to_dict(),
+        "meta": meta,
+        "n_examples": n,
+        "data_fingerprint": data_fingerprint(x, y),
+    }
+    model.eval()
+    logger.info("attacking %d example(s) at %s eps %s with %s", n, config.norm, format_eps(config.eps, config.norm),
+                ", ".join(config.attacks))
+    main = distributed.is_main()
+    with locked(directory if main else None), _autoattack_warnings() as aa_warnings, \
+            _parameters_frozen(model, source_model):
+        journal = Journal(directory, header, writer=main)
+        try:
+            result = _run(model, x, y, config, journal, device, source_model, progress)
+        finally:
+            journal.close()
+    result.meta = meta
+    result.data_fingerprint = header["data_fingerprint"]
+    result.aa_checks = aa_warnings.messages
+    result.flags = audit(result)
+    result.finished = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    if directory is not None and main:
+        write_json(directory / RESULT_FILE, result.to_dict())
+        logger.info("wrote %s", directory / RESULT_FILE)
+    return result
+
+
+@contextlib.contextmanager
+def _parameters_frozen(*models: nn.Module | None) -> Iterator[None]:
+    """Attacks need input gradients only: no parameter gradient is computed (FAB calls
+    ``backward()``; a compiled model's backward would include them) or accumulated."""
+    params = {id(p): p for m in models if m is not None for p in m.parameters() if p.requires_grad}
+    for p in params.values():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+
+
+def _run_phase(
+    name: str,
+    chunks: list[list[int]],
+    compute: Any,
+    journal: Journal,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Run (or replay) every batch of one phase; under torchrun, ranks share the batches.
+
+    Rank ``r`` of ``w`` runs batches ``k`` with ``k % w == r``, in rounds of one batch per
+    rank; after each round the ranks exchange their new records and rank 0 journals them at
+    once, so a crash loses at most the round in progress, whichever rank ran it. A batch's
+    result does not depend on which rank ran it (attacks reseed per batch).
+    """
+    world, me = distributed.world_size(), distributed.rank()
+    rounds = -(-len(chunks) // world)
+    for r in tqdm(range(rounds), desc=name, disable=not progress or not distributed.is_main()):
+        k = r * world + me
+        fresh = None
+        if k < len(chunks) and journal.get(name, k, chunks[k]) is None:
+            fresh = compute(k, chunks[k])
+            journal.append(fresh)
+        if world > 1:
+            everyone: list[Any] = [None] * world
+            torch.distributed.all_gather_object(everyone, fresh)
+            for other, rec in enumerate(everyone):
+                if other != me and rec is not None:
+                    journal.append(rec)
+    return [journal.get(name, k, idx) for k, idx in enumerate(chunks)]  # type: ignore[misc]
+
+
+def _run(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: AttackConfig,
+    journal: Journal,
+    device: torch.device | str,
+    source_model: nn.Module | None,
+    progress: bool,
+) -> EvalResult:
+    n = x.shape[0]
+    seconds: dict[str, float] = {}
+
+    def clean_batch(k: int, idx: list[int]) -> dict[str, Any]:
+        start = time.perf_counter()
+        with PassCounter(model) as passes:
+            pred = _predict(model, x[idx].to(device)).cpu()
+        return {"attack": "clean", "batch": k, "idx": idx, "broken": (pred != y[idx]).long().tolist(),
+                "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
+
+    cost: dict[str, dict[str, Any]] = {}
+
+    def add_cost(name: str, records: list[dict[str, Any]]) -> None:
+        cost[name] = summarise(sum(r.get("forward", 0) for r in records), sum(r.get("backward", 0) for r in records),
+                               sum(r["seconds"] for r in records), sum(len(r["idx"]) for r in records))
+
+    correct = torch.zeros(n, dtype=torch.bool)
+    records = _run_phase("clean", _chunks(list(range(n)), config.batch_size), clean_batch, journal, progress)
+    for rec in records:
+        correct[rec["idx"]] = ~torch.tensor(rec["broken"], dtype=torch.bool)
+        seconds["clean"] = seconds.get("clean", 0.0) + rec["seconds"]
+    add_cost("clean", records)
+
+    first = correct.nonzero().flatten()[: config.batch_size]
+    if len(first):
+        _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
+
+    robust = correct.clone()
+    per_attack: dict[str, torch.Tensor] = {}
+    acc: dict[str, float] = {}
+    shared_aa = make_autoattack(model, config, device)
+    for name in config.attacks:
+        attack = build_attack(name, model, config, device=device, source_model=source_model, autoattack=shared_aa)
+        pool = correct if config.individual else robust
+        chunks = _chunks(pool.nonzero().flatten().tolist(), config.batch_size)
+        broken = torch.zeros(n, dtype=torch.bool)
+        attacked = torch.zeros(n, dtype=torch.bool)
+
+        def attack_batch(k: int, idx: list[int], attack: Any = attack) -> dict[str, Any]:
+            return _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,))
+
+        records = _run_phase(name, chunks, attack_batch, journal, progress)
+        for rec in records:
+            broken[rec["idx"]] = torch.tensor(rec["broken"], dtype=torch.bool)
+            attacked[rec["idx"]] = True
+            seconds[name] = seconds.get(name, 0.0) + rec["seconds"]
+        add_cost(name, records)
+        per_attack[name] = torch.where(attacked, broken.long(), torch.full((n,), -1))
+        robust &= ~broken
+        acc[name] = float((correct & ~broken).float().mean()) if config.individual else float(robust.float().mean())
+        logger.info("%s: robust accuracy %.2f%%", name, 100 * acc[name])
+
+    per_example: dict[str, list[int | None]] = {"clean_correct": correct.long().tolist()}
+    for name, flags in per_attack.items():
+        per_example[name] = [None if v < 0 else int(v) for v in flags.tolist()]
+    return EvalResult(
+        meta={},
+        config=config.to_dict(),
+        n_examples=n,
+        clean_acc=float(correct.float().mean()),
+        attack_acc=acc,
+        worst_case_acc=float(robust.float().mean()),
+        flags=[],
+        per_example=per_example,
+        seconds=seconds,
+        versions=_versions(),
+        cost=cost,
+    )
+
+
+_oom_state: dict[str, dict[str, int]] = {}
+
+
+def _attack_batch(
+    model: nn.Module,
+    attack: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: list[int],
+    k: int,
+    config: AttackConfig,
+    device: torch.device | str,
+    counted: tuple[nn.Module | None, ...] = (),
+) -> dict[str, Any]:
+    """Attack one batch; the record counts the forward/backward example-passes it took."""
+    start = time.perf_counter()
+    xb, yb = x[idx].to(device), y[idx].to(device)
+
+    def perturb(rows: torch.Tensor) -> torch.Tensor:
+        out = attack.perturb(xb[rows], yb[rows]).detach()
+        return out.unsqueeze(0) if out.dim() == 3 else out
+
+    # On out-of-memory the batch is split in halves (logged); the split is remembered per attack.
+    with PassCounter(model, *counted) as passes:
+        pieces = split_on_oom(perturb, torch.arange(len(idx), device=xb.device), what=f"attack {attack.name}",
+                              state=_oom_state.setdefault(attack.name, {}))
+        x_adv = torch.cat(pieces)
+        _check_perturbation(x_adv, xb, config, attack.name)
+        broken = (_predict(model, x_adv) != yb).cpu()
+    return {"attack": attack.name, "batch": k, "idx": idx, "broken": broken.long().tolist(),
+            "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}

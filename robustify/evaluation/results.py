@@ -1,0 +1,114 @@
+"""The result schema of an evaluation: :class:`EvalResult`, ``result.json`` and the per-result flags.
+
+:func:`robustify.evaluation.engine.evaluate` writes an :class:`EvalResult` to ``<out>/result.json``;
+:func:`load_result` reads it back. :func:`audit` derives the gradient-masking flags from a
+result alone (the cross-row checks live in :mod:`robustify.reporting.leaderboard`; the sanity suite that
+reruns attacks is :mod:`robustify.evaluation.audit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robustify.core.errors import UserError
+from robustify.attacks import BLACK_BOX, STANDARD, WHITE_BOX
+
+__all__ = ["AUDIT_MARGIN", "RESULT_FILE", "EvalResult", "audit", "load_result"]
+
+RESULT_FILE = "result.json"
+AUDIT_MARGIN = 0.002  # AutoAttack's check_square_sr tolerance (0.2 points)
+
+
+@dataclass
+class EvalResult:
+    """Everything an evaluation found, flat enough for a leaderboard row."""
+
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    n_examples: int
+    clean_acc: float
+    attack_acc: dict[str, float]
+    worst_case_acc: float
+    flags: list[str]
+    per_example: dict[str, list[int | None]]
+    seconds: dict[str, float]
+    versions: dict[str, str]
+    aa_checks: list[str] = field(default_factory=list)
+    finished: str | None = None  # UTC ISO time the result was written (the newest duplicate wins)
+    data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # per phase: passes and seconds (cost.py)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def read_result_file(path: str | Path) -> dict[str, Any]:
+    """The raw dict of a ``result.json`` (or the directory holding one), all keys kept."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read results file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"cannot read results file {str(path)!r}: not a JSON object")
+    return data
+
+
+def load_result(path: str | Path) -> EvalResult:
+    """Read a ``result.json`` (or the directory holding one)."""
+    data = read_result_file(path)
+    try:
+        return EvalResult.from_dict(data)
+    except TypeError as exc:
+        raise UserError(f"cannot read results file {str(path)!r}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------
+# gradient-masking audit (per result; cross-row checks live in robustify.reporting.leaderboard)
+# ------------------------------------------------------------------------------------------
+def _breaks(result: EvalResult, attack: str) -> set[int]:
+    return {i for i, v in enumerate(result.per_example.get(attack, [])) if v == 1}
+
+
+def audit(result: EvalResult) -> list[str]:
+    """Flags that suggest gradient masking or an unreliable evaluation.
+
+    * ``black-box-beats-white-box``: Square or the transfer attack breaks examples that
+      every white-box attack run left robust (more than 0.2 points, as AutoAttack's check).
+    * ``bpda-beats-standard``: BPDA-APGD breaks examples standard APGD did not.
+    * ``adaptive-beats-standard``: the adaptive attack breaks examples standard attacks did not.
+    * ``autoattack-checks``: one of AutoAttack's own checks fired (see ``aa_checks``).
+    """
+    n = max(result.n_examples, 1)
+    attacks = list(result.attack_acc)
+    white = [a for a in attacks if a in WHITE_BOX]
+    flags = []
+
+    def extra(attacks_a: list[str], attacks_b: list[str]) -> float:
+        a = set().union(*[_breaks(result, x) for x in attacks_a]) if attacks_a else set()
+        b = set().union(*[_breaks(result, x) for x in attacks_b]) if attacks_b else set()
+        return len(a - b) / n
+
+    if white and extra([a for a in attacks if a in BLACK_BOX], white) > AUDIT_MARGIN:
+        flags.append("black-box-beats-white-box")
+    std_apgd = [a for a in attacks if a in ("apgd-ce", "apgd-dlr")]
+    bpda_attacks = [a for a in attacks if a.startswith("bpda-")]
+    if std_apgd and bpda_attacks and extra(bpda_attacks, std_apgd) > AUDIT_MARGIN:
+        flags.append("bpda-beats-standard")
+    standard = [a for a in attacks if a in STANDARD]
+    if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
+        flags.append("adaptive-beats-standard")
+    if result.aa_checks:
+        flags.append("autoattack-checks")
+    return flags

@@ -1,0 +1,363 @@
+"""Datasets as tensors of images in [0, 1]: the data half of the "load" step.
+
+Specs: ``cifar10`` / ``cifar100`` (torchvision, downloaded into a cache), ``imagenet:DIR``
+(ImageNet's ``train/`` and ``val/`` folders; the test split is RobustBench's fixed
+5000-image subset of ``val/``, in RobustBench's order), ``folder:DIR`` (any ImageFolder tree
+with ``train/`` and ``val/``; the test split is all of ``val/``), or a ``.npz`` file with
+``x_train, y_train, x_test, y_test`` (uint8 NCHW, as ``shared/data/cifar10_subset.npz``).
+Image files get the model's preprocessing (``transform``, see :mod:`robustify.load.preprocessing`).
+
+Splits: ``test`` for evaluation; ``train`` for calibration, minus ``holdout`` examples, which
+form the ``holdout`` split for choosing alpha (never seen by calibration).
+
+Which examples ``n`` and ``holdout`` take: an ImageFolder is sorted by class, so its
+examples are taken class by class in turn (:func:`class_spread_order`: the first image of
+every class, then the second of every class, ...) and the holdout is the head of that
+order; elsewhere ``n`` keeps the first examples and the holdout is the last ``holdout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from robustify.core.errors import DataError
+from robustify.load.models import ModelInfo, default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DataError", "check_image_size", "class_spread_order", "default_workers", "load_data", "load_model_data",
+           "loader", "reads_image_files", "to_tensors", "validate_batch"]
+
+SPLITS = ("train", "test", "holdout")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SPECS = ("imagenet:", "folder:")
+MAX_AUTO_WORKERS = 8
+
+
+def check_image_size(image_shape: tuple[int, ...], input_size: tuple[int, ...]) -> None:
+    """Refuse images of shape ``(C, H, W)`` that do not fit the model's ``input_size``
+    (``(C,)`` checks the channels only), with a one-line :class:`DataError`."""
+    expected = tuple(input_size)
+    if image_shape[0] != expected[0]:
+        raise DataError(
+            f"images have {image_shape[0]} channel(s) (shape {tuple(image_shape)}), the model expects {expected[0]} "
+            f"(input size {expected})"
+        )
+    if len(expected) == 3 and tuple(image_shape[1:]) != expected[1:]:
+        raise DataError(f"images are {image_shape[1]}x{image_shape[2]}; the model expects {expected[1]}x{expected[2]}")
+
+
+def validate_batch(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    *,
+    input_size: tuple[int, ...] | None = None,
+) -> None:
+    """Refuse a batch a model must not be fed, with a one-line :class:`DataError`.
+
+    Checks: a 4-D floating-point batch; values finite and in [0, 1]; the channel count (and,
+    when given, height and width) of ``input_size`` ``(C, H, W)``; as many labels as images,
+    integer labels in ``[0, num_classes)``.
+    """
+    if x.dim() != 4:
+        raise DataError(f"images must be a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        raise DataError(f"images must be floating point in [0, 1], got dtype {x.dtype}")
+    if input_size is not None:
+        check_image_size(tuple(x.shape[1:]), input_size)
+    if x.numel():
+        if not torch.isfinite(x).all():
+            raise DataError("images contain NaN or Inf values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"images must be in [0, 1], got values in [{lo:g}, {hi:g}] (divide uint8 images by 255; "
+                "normalisation belongs inside the model)"
+            )
+    if y is not None:
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{x.shape[0]} images but labels of shape {tuple(y.shape)}")
+        if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:
+            raise DataError(f"labels must be integers, got dtype {y.dtype}")
+        if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
+            bound = num_classes if num_classes is not None else "n_classes"
+            raise DataError(f"labels must be in [0, {bound}), got values in [{int(y.min())}, {int(y.max())}]")
+
+
+def _npz(path: Path, split: str) -> TensorDataset:
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    part = "test" if split == "test" else "train"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in NPZ_KEYS if k not in data]
+            if missing:
+                raise DataError(f"{str(path)!r} lacks arrays {missing}; expected {list(NPZ_KEYS)}")
+            x, y = data[f"x_{part}"], data[f"y_{part}"]
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip/format errors, truncated files, object arrays
+        raise DataError(f"cannot read {str(path)!r} (truncated or not an .npz of plain arrays): {exc}") from exc
+    if x.ndim != 4:
+        raise DataError(f"{str(path)!r}: x_{part} must be 4-D (N, C, H, W), got shape {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{str(path)!r}: y_{part} must hold integer labels, got dtype {y.dtype}")
+    if x.dtype == np.uint8:
+        xt = torch.from_numpy(x).float().div_(255)
+    elif np.issubdtype(x.dtype, np.floating):
+        xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    else:
+        raise DataError(f"{str(path)!r}: x_{part} must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
+    if xt.shape[1] not in (1, 3) and xt.shape[-1] in (1, 3):
+        xt = xt.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    yt = torch.from_numpy(np.asarray(y)).long()
+    try:
+        validate_batch(xt, yt)
+    except DataError as exc:
+        raise DataError(f"{str(path)!r} ({part} split): {exc}") from None
+    return TensorDataset(xt, yt)
+
+
+def _torchvision(name: str, split: str, cache: Path) -> Dataset:
+    import torchvision
+    from torchvision import transforms
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    root = cache / "data"
+    try:
+        return cls(str(root), train=split != "test", download=True, transform=transforms.ToTensor())
+    except Exception as exc:  # noqa: BLE001 - URLError, gaierror, ...
+        raise DataError(
+            f"could not download {name} into {root} ({type(exc).__name__}); offline, point robustify at "
+            "local data: --data file.npz (x_train, y_train, x_test, y_test; uint8 NCHW)"
+        ) from exc
+
+
+def reads_image_files(spec: str) -> bool:
+    """Whether ``spec`` names image files (which take the model's preprocessing)."""
+    return spec.startswith(IMAGE_SPECS)
+
+
+def _image_folder(folder: Path, transform: Callable | None) -> Dataset:
+    from torchvision import datasets
+
+    if not folder.is_dir():
+        raise DataError(f"image folder {str(folder)!r} does not exist (expected DIR/train and DIR/val)")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"{str(folder)!r} is not an ImageFolder (one sub-folder of images per class): {exc}") from exc
+
+
+def _robustbench_helper_file(name: str) -> Path:
+    from robustify.core.compat import import_robustbench
+
+    return Path(import_robustbench().__file__).parent / "helper_files" / name
+
+
+def _check_imagenet_classes(folder: Path) -> None:
+    """Labels are ImageNet's only if the class folders are exactly ImageNet's 1000 synsets."""
+    if not folder.is_dir():
+        raise DataError(f"ImageNet folder {str(folder)!r} does not exist (expected DIR/train and DIR/val)")
+    expected = json.loads(_robustbench_helper_file("imagenet_class_to_id_map.json").read_text())
+    found = {d.name for d in os.scandir(folder) if d.is_dir()}
+    if found != set(expected):
+        missing, unknown = sorted(set(expected) - found), sorted(found - set(expected))
+        raise DataError(
+            f"{str(folder)!r} does not hold ImageNet's {len(expected)} class folders ({len(missing)} missing, e.g. "
+            f"{missing[:2]}; {len(unknown)} unknown, e.g. {unknown[:2]}); for another image folder use folder:DIR"
+        )
+
+
+class RobustBenchImageNet(Dataset):
+    """RobustBench's fixed 5000-image ImageNet test subset (``robustbench.loaders.CustomImageFolder``,
+    RobustBench's order), yielding ``(image, label)``."""
+
+    def __init__(self, val_dir: Path, transform: Callable | None) -> None:
+        from robustify.core.compat import import_robustbench
+
+        import_robustbench()
+        from robustbench.loaders import CustomImageFolder
+
+        _check_imagenet_classes(val_dir)
+        self.folder = CustomImageFolder(str(val_dir), transform)
+        self.val_dir = val_dir
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label, _ = self.folder[index]
+        return image, label
+
+    def check_files(self, indices: Sequence[int]) -> None:
+        """A one-line error if an image of ``indices`` is absent from the val folder."""
+        missing = [self.folder.samples[i][0] for i in indices if not os.path.isfile(self.folder.samples[i][0])]
+        if missing:
+            raise DataError(
+                f"{str(self.val_dir)!r} lacks {len(missing)} of the {len(indices)} RobustBench test images asked for "
+                f"(e.g. {missing[0]!r}): imagenet:DIR evaluates RobustBench's fixed subset of ImageNet's val set; "
+                "for another image folder use folder:DIR"
+            )
+
+
+def _image_dataset(spec: str, split: str, transform: Callable | None) -> Dataset:
+    kind, _, root_text = spec.partition(":")
+    root = Path(root_text)
+    if transform is None:
+        from robustify.load.preprocessing import build_transform
+
+        transform = build_transform(None)
+    if kind == "imagenet" and split == "test":
+        return RobustBenchImageNet(root / "val", transform)
+    folder = root / ("val" if split == "test" else "train")
+    if kind == "imagenet":
+        _check_imagenet_classes(folder)
+    return _image_folder(folder, transform)
+
+
+def class_spread_order(targets: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Indices taking every class in turn: the first example of each class (in class order),
+    then the second of each class, ... Any prefix is spread evenly over the classes."""
+    labels = np.asarray(targets)
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_class] = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    return np.lexsort((labels, rank))
+
+
+def _selection_order(dataset: Dataset) -> tuple[Sequence[int], bool]:
+    """The order ``n``/``holdout`` take examples in, and whether it is class-spread (holdout first)."""
+    from torchvision.datasets import DatasetFolder
+
+    if isinstance(dataset, DatasetFolder):
+        return class_spread_order(dataset.targets).tolist(), True
+    return range(len(dataset)), False  # type: ignore[arg-type]
+
+
+def _warn_if_class_sorted(spec: str, dataset: Dataset) -> None:
+    labels = dataset.tensors[1]  # type: ignore[attr-defined]
+    if labels.numel() > 1 and bool((labels[1:] >= labels[:-1]).all()) and int(labels[0]) != int(labels[-1]):
+        logger.warning("%s is sorted by class: n and holdout take its first/last examples, which cover few classes",
+                       spec)
+
+
+def load_data(
+    spec: str,
+    split: str = "test",
+    *,
+    n: int | None = None,
+    holdout: int = 0,
+    cache_dir: str | Path | None = None,
+    num_classes: int | None = None,
+    channels: int | None = None,
+    transform: Callable | None = None,
+) -> Dataset:
+    """Load a split of a dataset (see the module doc); ``n`` keeps ``n`` examples.
+
+    ``transform`` turns each image file (``imagenet:``/``folder:``) into a tensor in [0, 1]:
+    pass the model's (``ModelInfo.transform()``, or use :func:`load_model_data`); default
+    ``Res256Crop224``. ``.npz`` contents are checked on load (shape, dtype, values in [0, 1],
+    finite, integer labels, and labels below ``num_classes`` and images with ``channels``
+    channels when given: pass the model's ``ModelInfo.num_classes`` and ``input_size[0]``).
+    Every problem raises a one-line :class:`DataError`.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {list(SPLITS)}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if spec.endswith(".npz"):
+        dataset: Dataset = _npz(Path(spec), split)
+        images, labels = dataset.tensors  # type: ignore[attr-defined]
+        if channels is not None and images.shape[1] != channels:
+            raise DataError(f"{spec!r} has {images.shape[1]}-channel images, the model expects {channels} channels")
+        if num_classes is not None and labels.numel() and int(labels.max()) >= num_classes:
+            raise DataError(
+                f"{spec!r} has labels up to {int(labels.max())}, but the model has {num_classes} classes"
+            )
+        if n is not None or holdout:
+            _warn_if_class_sorted(spec, dataset)
+    elif spec in ("cifar10", "cifar100"):
+        dataset = _torchvision(spec, split, cache)
+    elif reads_image_files(spec):
+        dataset = _image_dataset(spec, split, transform)
+    else:
+        raise DataError(f"unknown dataset {spec!r}: use cifar10, cifar100, imagenet:DIR, folder:DIR or a .npz file")
+    order, spread = _selection_order(dataset)
+    size = len(order)
+    if split != "test" and holdout:
+        if holdout < 0 or holdout >= size:
+            raise DataError(f"holdout must be in [0, {size}), got {holdout}")
+        cut = holdout if spread else size - holdout
+        head, tail = order[:cut], order[cut:]
+        order = (tail if split == "train" else head) if spread else (head if split == "train" else tail)
+    elif split == "holdout":
+        raise DataError("the holdout split needs holdout > 0 (the number of training examples to hold out)")
+    if len(order) == 0:
+        raise DataError(f"the {split} split of {spec!r} is empty")
+    if n is not None:
+        if n <= 0:
+            raise DataError(f"n must be positive, got {n}")
+        if n > len(order):
+            raise DataError(f"asked for {n} examples but the {split} split of {spec!r} has {len(order)}")
+        order = order[:n]
+    if isinstance(dataset, RobustBenchImageNet):
+        dataset.check_files(order)
+    return dataset if order == range(size) else Subset(dataset, order)
+
+
+def load_model_data(spec: str, split: str, info: ModelInfo, **kwargs: Any) -> Dataset:
+    """:func:`load_data` for a model: its preprocessing for image files, its classes and channels checked."""
+    transform = info.transform() if reads_image_files(spec) else None
+    return load_data(spec, split, num_classes=info.num_classes, channels=info.input_size[0], transform=transform,
+                     **kwargs)
+
+
+def _reads_files(dataset: Dataset) -> bool:
+    from torchvision.datasets import DatasetFolder
+
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, (DatasetFolder, RobustBenchImageNet))
+
+
+def default_workers(dataset: Dataset) -> int:
+    """Loader processes when none are asked for: one per CPU (at most 8) for image files, none for
+    tensors already in memory (worker processes would only copy them)."""
+    if not _reads_files(dataset):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_AUTO_WORKERS, cpus)
+
+
+def loader(dataset: Dataset, batch_size: int = 128, workers: int | None = None,
+           device: torch.device | str | None = None) -> DataLoader:
+    """A deterministic (unshuffled) loader; ``workers`` processes decode images (None: :func:`default_workers`),
+    into pinned memory when ``device`` is CUDA."""
+    if workers is None:
+        workers = default_workers(dataset)
+    if workers < 0:
+        raise DataError(f"workers must be >= 0, got {workers}")
+    pin = device is not None and torch.device(device).type == "cuda"
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+
+
+def to_tensors(dataset: Dataset, batch_size: int = 256, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a dataset into ``(x, y)`` tensors."""
+    xs, ys = [], []
+    for x, y in loader(dataset, batch_size, workers):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    if not xs:
+        raise DataError("dataset is empty")
+    return torch.cat(xs), torch.cat(ys).long()
