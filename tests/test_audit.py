@@ -184,7 +184,7 @@ def test_audit_job_audits_the_examples_the_evaluation_saw(tmp_path, monkeypatch)
     (timm's config for a timm model: 160x160 for test_vit), not the default transform (224x224)."""
     from test_imagenet_data import _folder
 
-    from robustify.evaluation import audit as audit_module
+    from robustify.jobs import audit as audit_module
     from robustify.attacks import AttackConfig
     from robustify.jobs.evaluate import EvaluationJob
 

@@ -79,7 +79,7 @@ def test_sweep_picks_alpha_by_the_rule(npz, tmp_path):
     assert list(curve["alpha"]) == [0.0, 0.1, 0.5, 2.0]
     ok = curve[curve["clean_acc"] >= sweep["base"]["clean_acc"] - 0.5]
     best = ok[ok["worst_case_acc"] == ok["worst_case_acc"].max()]["alpha"].min()
-    assert sweep["chosen_alpha"] == best
+    assert sweep["setting"] == "alpha" and sweep["chosen"] == best
     assert (out / "sweep.png").is_file() and (out / "sweep.csv").is_file()
     calib = json.loads((out / "calibration.safetensors.json").read_text())
     assert calib["holdout"] == 24  # calibration never saw the held-out examples

@@ -136,9 +136,29 @@ def test_debug_shows_the_traceback(capsys, argv: list[str]) -> None:
     from robustify.load.models import ModelLoadError
 
     message = _error_line(capsys, ["inspect", "resnet18"])
-    assert message.endswith("(rerun with --debug for the traceback)")
+    assert message == ("robustify: error: unknown model spec 'resnet18': use robustbench:NAME, timm:NAME, "
+                       "aa-resnet18 or package.module:function")  # a user error: one line, no traceback hint
     with pytest.raises(ModelLoadError):
         main(argv)
+
+
+def test_a_bug_is_reported_as_a_bug_with_its_own_exit_code(capsys, monkeypatch) -> None:
+    """Issue 18 item 6: a user error is one line and exit 2; anything else is a bug: exit 1, the exception's
+    type, and the hint to rerun with --debug (which raises it)."""
+    from robustify.cli import common
+
+    def broken(args):
+        return {}["missing"]  # a KeyError: no user input can cause it
+
+    help_text, add_arguments, _ = common.COMMANDS["inspect"]
+    monkeypatch.setitem(common.COMMANDS, "inspect", (help_text, add_arguments, broken))
+    assert main(["inspect", "aa-resnet18"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error (KeyError" in err and "this is a bug" in err
+    assert "rerun with --debug" in err
+    with pytest.raises(KeyError):
+        main(["inspect", "aa-resnet18", "--debug"])
+    assert main(["calibrate", "resnet18", "--out", "never.safetensors"]) == 2  # a user's mistake keeps exit 2
 
 
 def test_every_command_takes_debug_after_it(capsys) -> None:

@@ -14,7 +14,7 @@ from robustify.attacks import AttackConfig
 from robustify.evaluation.audit import AuditConfig
 from robustify.cli import build_parser
 from robustify.cli import evaluate as evaluate_cli
-from robustify.cli.common import MEANSPARSE_DEFAULTS
+from robustify import defenses
 from robustify.cli.flags import CONFIG_FIELD, ConfigFlags, field_default, field_help
 from robustify.core.config import SerializableConfig, untagged
 from robustify.defenses.meansparse.config import MeanSparseConfig
@@ -35,6 +35,10 @@ CONFIGS = [
     EvaluationJob(model="tinynets:tiny_cnn", defense="meansparse", defense_config=MeanSparseConfig(exclude=("x",)),
                   attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=5)),
 ]
+
+
+DEFENSE_DEFAULTS = {h.config_type: h.options.defaults if h.options.defaults is not None else h.config()
+                    for h in defenses.handlers() if h.options is not None}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -60,9 +64,9 @@ def test_every_config_round_trips_with_and_without_its_tags(config: Serializable
 def test_from_dict_restores_tuples_and_nested_configs_from_the_field_types() -> None:
     job = CONFIGS[-1]
     data = untagged(job.to_dict())
-    data["meansparse"], data["attack"] = untagged(data["meansparse"]), untagged(data["attack"])
+    data["defense_config"], data["attack"] = untagged(data["defense_config"]), untagged(data["attack"])
     restored = EvaluationJob.from_dict(data)
-    assert isinstance(restored.meansparse, MeanSparseConfig) and restored.meansparse.exclude == ("x",)
+    assert isinstance(restored.defense_config, MeanSparseConfig) and restored.defense_config.exclude == ("x",)
     assert restored.attack.attacks == ("apgd-ce",)
     assert TrainConfig.from_dict({"milestones": [1, 2]}).milestones == (1, 2)
 
@@ -86,8 +90,10 @@ def test_every_flag_of_a_config_field_has_one_default_and_a_help_text() -> None:
             assert field_help(cls, name), f"{command} {action.option_strings}: no help text"
             if action.required:
                 continue
-            if cls is MeanSparseConfig:
-                expected = getattr(MEANSPARSE_DEFAULTS, name)
+            if cls in DEFENSE_DEFAULTS:  # a defense's flag: its registered options' default
+                if action.default is None and "the defense's own" in action.help:
+                    continue  # shared by defenses with different defaults: each config keeps its own
+                expected = getattr(DEFENSE_DEFAULTS[cls], name)
             elif name in declared.get(command, {}):
                 expected = declared[command][name]
                 assert expected != field_default(cls, name), f"{command}: {name} declares the config's own default"
@@ -100,11 +106,14 @@ def test_every_flag_of_a_config_field_has_one_default_and_a_help_text() -> None:
         assert any(c is cls for c, _ in seen), cls
 
 
-def test_the_meansparse_alpha_default_lives_in_the_evaluation_job() -> None:
+def test_the_meansparse_alpha_default_lives_in_its_registration() -> None:
+    """One default: MeanSparse's registered options give every command's --alpha and a job's config."""
+    default = defenses.get_defense("meansparse").options.defaults.alpha
     commands = _subparsers(build_parser())
     for command in ("inspect", "calibrate", "evaluate", "audit", "sweep", "run"):
         alpha = next(a for a in commands[command]._actions if "--alpha" in a.option_strings)
-        assert alpha.default == EvaluationJob(model="m").meansparse.alpha == 0.2, command
+        assert alpha.default == default == 0.2, command
+    assert EvaluationJob(model="m", defense="meansparse").defense_config.alpha == default
 
 
 def test_a_job_from_default_flags_is_the_default_job() -> None:
@@ -126,7 +135,7 @@ def test_flags_read_back_as_config_values() -> None:
 
 def test_help_comes_from_the_docstring_attributes() -> None:
     assert field_help(TrainConfig, "epochs") == "passes over the training data."
-    assert "ms.set_alpha" in field_help(MeanSparseConfig, "alpha")  # reST roles as plain text
+    assert "robustify.defenses.meansparse.set_alpha" in field_help(MeanSparseConfig, "alpha")  # reST roles as plain text
     assert all(field_help(AuditConfig, f.name) for f in dataclasses.fields(AuditConfig))
 
 

@@ -198,7 +198,7 @@ def test_in_place_activations_survive_modularize_and_insertion() -> None:
     x = torch.randn(4, 3, 6, 6)
     with torch.no_grad():
         reference = model(x.clone())
-        assert torch.equal(rb.sites.modularize(model)(x.clone()), reference)
+        assert torch.equal(rb.defenses.sites.modularize(model)(x.clone()), reference)
         inserted = ms.insert_meansparse(copy.deepcopy(model), x, ms.MeanSparseConfig(alpha=0.0))
         assert len(ms.meansparse_modules(inserted)) == 4
         rb.calibrate(inserted, [x.clone()], progress=False)

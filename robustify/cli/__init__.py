@@ -1,7 +1,9 @@
 """The ``robustify`` command line: a thin layer over the public Python API.
 
-Every command parses its flags, calls the same functions users call from Python, and
-reports errors in one line (``--debug`` shows the traceback). Commands live in small
+Every command parses its flags and calls the same functions users call from Python. An error the
+user can fix (:class:`robustify.core.errors.UserError`, a file-system or a missing-package error) is
+one line on stderr and exit status 2; anything else is a bug, reported as one (exit status 1, with the
+hint to rerun with ``--debug``, which shows the traceback). Commands live in small
 ``_cmd_*`` functions registered in :data:`COMMANDS` by their modules (:mod:`.calibrate`: inspect,
 calibrate; :mod:`.evaluate`: evaluate, audit, sweep, leaderboard, run; :mod:`.train`: train),
 each importing the library modules it calls; their config flags are made by :mod:`.flags`.
@@ -16,13 +18,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from robustify.core import distributed
-from robustify.core.errors import first_line
+from robustify.core.errors import UserError, first_line
 from robustify.cli import calibrate  # noqa: F401 - they register their commands, in --help's order
 from robustify.cli import evaluate
 from robustify.cli import train
 from robustify.cli.common import COMMANDS, register_command
 
 logger = logging.getLogger("robustify")
+
+#: errors the user can fix: one line, exit status 2 (file-system and missing-package errors included)
+USER_ERRORS = (UserError, OSError, ImportError)
 
 __all__ = ["COMMANDS", "build_parser", "main", "register_command"]
 
@@ -57,8 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robustify: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI reports every error in one line
+    except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"robustify: error: {first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"robustify: error: {first_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, with how to see it
+        if args.debug:
+            raise
+        print(f"robustify: internal error ({type(exc).__name__}: {first_line(exc)}); this is a bug in robustify or "
+              "a library it calls: rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1

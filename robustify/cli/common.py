@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from robustify.defenses.meansparse.config import MeanSparseConfig, parse_site_alpha
+from robustify import defenses
 from robustify.load.models import ModelInfo, load_model
 from robustify.jobs.evaluate import EvaluationJob
 from robustify.cli.flags import ConfigFlags, field_default
@@ -41,12 +41,6 @@ def register_command(
 # ------------------------------------------------------------------------------------------
 MODEL_FLAGS = ConfigFlags(EvaluationJob, ("dataset", "threat_model", "weights", "pretrained", "cache_dir", "device"),
                           choices={"threat_model": ("Linf", "L2", "corruptions")})
-MEANSPARSE_FLAGS = ConfigFlags(
-    MeanSparseConfig, ("alpha", "site_alpha", "include", "exclude", "outputs", "preset", "skip_se", "channel_dim",
-                       "stats_mode"),
-    parse={"site_alpha": parse_site_alpha}, choices={"stats_mode": ("exact", "official")})
-#: the evaluation's MeanSparse defaults (alpha 0.2), those of every command with MeanSparse flags
-MEANSPARSE_DEFAULTS: MeanSparseConfig = MeanSparseConfig(alpha=0.2)
 DATA_FLAGS = ConfigFlags(EvaluationJob, ("data", "holdout", "n_calib", "workers"))
 WORKERS_FLAGS = ConfigFlags(EvaluationJob, ("workers",))
 
@@ -57,12 +51,50 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     MODEL_FLAGS.add(p)
 
 
-def add_meansparse_args(p: argparse.ArgumentParser) -> None:
-    MEANSPARSE_FLAGS.add(p, MEANSPARSE_DEFAULTS)
+# ------------------------------------------------------------------------------------------
+# defense flags: made from each registered defense's options (its config fields)
+# ------------------------------------------------------------------------------------------
+def defense_flags(defense: defenses.Defense) -> ConfigFlags | None:
+    """The flags of ``defense``'s options (None: it declares none)."""
+    o = defense.options
+    if o is None:
+        return None
+    return ConfigFlags(defense.config_type, o.fields, prefix=o.prefix, names=o.names, parse=o.parse, choices=o.choices)
 
 
-def meansparse_config(args: argparse.Namespace) -> MeanSparseConfig:
-    return MeanSparseConfig(**MEANSPARSE_FLAGS.values(args))
+def add_defense_args(p: argparse.ArgumentParser, *, trainable: bool | None = None) -> None:
+    """One group of flags per registered defense (only the (non-)trainable ones if given). A flag two
+    defenses share (``--include``, ``--exclude``) is added once, by the first registered, and read by both;
+    where their defaults differ, the flag's default is each defense's own."""
+    actions = {a: action for action in p._actions for a in action.option_strings}
+    for defense in defenses.handlers(trainable=trainable):
+        flags = defense_flags(defense)
+        if flags is None:
+            continue
+        for name in flags.fields:
+            action = actions.get(flags.flag(name))
+            if action is not None and action.default != flags.default(name, defense.options.defaults):
+                action.default = None
+                action.help = (action.help or "").replace(" (default: %(default)s)", "") + " (default: the defense's own)"
+        fresh = tuple(f for f in flags.fields if flags.flag(f) not in actions)
+        if not fresh:
+            continue
+        group = p.add_argument_group(defense.options.group or f"{defense.title} settings")
+        ConfigFlags(flags.config, fresh, prefix=flags.prefix, names=flags.names, parse=flags.parse,
+                    choices=flags.choices).add(group, defense.options.defaults)
+        actions.update({a: action for action in group._group_actions for a in action.option_strings})
+
+
+def defense_config_from_args(args: argparse.Namespace, name: str) -> Any:
+    """The config of defense ``name`` from the parsed flags (its options; the other fields keep their defaults)."""
+    if name == "none":
+        return None
+    defense = defenses.get_defense(name)
+    flags = defense_flags(defense)
+    values = flags.values(args) if flags is not None else {}
+    defaults = defense.options.defaults if defense.options is not None else None
+    base = {} if defaults is None else {f: getattr(defaults, f) for f in flags.fields}  # type: ignore[union-attr]
+    return defense.config(name, **{**base, **{k: v for k, v in values.items() if v is not None}})
 
 
 def load_model_from_args(args: argparse.Namespace, spec: str | None = None,

@@ -19,30 +19,29 @@ import torch
 from robustify.core.errors import UserError
 from robustify.core import distributed
 from robustify.attacks import AttackConfig, threat_norm
-from robustify.evaluation.audit import AuditConfig, audit_job
+from robustify.evaluation.audit import AuditConfig
+from robustify.jobs.audit import audit_job
 from robustify.core.config import format_eps
-from robustify.defenses.meansparse.config import MeanSparseConfig
 from robustify.load.data import load_model_data, to_tensors
 from robustify.evaluation.fast import PRECISIONS
 from robustify.reporting.leaderboard import to_markdown, write_leaderboard, write_result_table
-from robustify.defenses.meansparse.module import set_alpha
 from robustify.load.models import load_model
-from robustify.jobs.evaluate import EvaluationJob, not_robust_warning, run_evaluation
+from robustify.jobs.evaluate import EvaluationJob, build_defended_model, not_robust_warning, run_evaluation
 from robustify.jobs.sweep import sweep
 from robustify.evaluation.results import EvalResult
-from robustify.defenses.meansparse.state import load_calibration
-from robustify.cli.common import (DATA_FLAGS, MEANSPARSE_DEFAULTS, MODEL_FLAGS, WORKERS_FLAGS, add_meansparse_args,
-                     add_model_args, meansparse_config, register_command)
+from robustify import defenses
+from robustify.cli.common import (DATA_FLAGS, MODEL_FLAGS, WORKERS_FLAGS, add_defense_args, add_model_args,
+                                  defense_config_from_args, register_command)
 from robustify.cli.flags import ConfigFlags, comma_list, field_names
 
 logger = logging.getLogger("robustify")
 
 __all__ = ["DEFAULT_ATTACKS", "attack_config", "audit_config", "job_from_args"]
 
-#: the attacks of ``evaluate`` and ``audit`` (the BPDA ones run on MeanSparse rows only)
+#: the attacks of ``evaluate`` and ``audit`` (those needing a defense hook run only where a defense offers it)
 DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"
 #: the defaults of ``sweep`` that differ from an evaluation's
-SWEEP_DEFAULTS = {"defense": "meansparse", "n_examples": 200, "holdout": 500, "attacks": "apgd-ce,bpda"}
+SWEEP_DEFAULTS: dict[str, Any] = {"n_examples": 200, "holdout": 500, "attacks": "apgd-ce,bpda"}
 #: the defaults of the quick main job ``run`` that differ from an evaluation's
 RUN_DEFAULTS = {"model": "aa-resnet18", "n_examples": 100, "n_calib": 5000, "out": "runs/quick", "apgd_iters": 20}
 
@@ -57,8 +56,16 @@ JOB_FLAGS = ConfigFlags(
     choices={"precision": tuple(PRECISIONS)})
 AUDIT_FLAGS = ConfigFlags(AuditConfig, field_names(AuditConfig), prefix="audit-")
 RUN_FLAGS = {"job": ConfigFlags(EvaluationJob, ("model", "data", "n_examples", "n_calib", "out")),
-             "attack": ConfigFlags(AttackConfig, ("eps", "apgd_iters")),
-             "meansparse": ConfigFlags(MeanSparseConfig, ("alpha",))}
+             "attack": ConfigFlags(AttackConfig, ("eps", "apgd_iters"))}
+
+
+def _default_defense(hook: str) -> str | None:
+    """The first registered defense offering ``hook`` (``setting``: a sweepable one): the default of ``sweep``
+    and ``run`` (registration order puts the built-in ones first)."""
+    return next((n for n in defenses.defense_names() if getattr(defenses.get_defense(n), hook) is not None), None)
+
+
+SWEEP_DEFAULTS["defense"] = _default_defense("setting")
 
 
 def add_attack_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
@@ -74,15 +81,15 @@ def attack_config(args: argparse.Namespace) -> AttackConfig:
 
 def _add_job_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     add_model_args(p)
-    add_meansparse_args(p)
+    add_defense_args(p)
     DATA_FLAGS.add(p, defaults)
     JOB_FLAGS.add(p, defaults, required=("out",))
 
 
 def job_from_args(args: argparse.Namespace) -> EvaluationJob:
-    return EvaluationJob(model=args.model, **MODEL_FLAGS.values(args), **DATA_FLAGS.values(args),
-                         **JOB_FLAGS.values(args), attack=attack_config(args),
-                         defense_config=meansparse_config(args) if args.defense == "meansparse" else None)
+    job = JOB_FLAGS.values(args)
+    return EvaluationJob(model=args.model, **MODEL_FLAGS.values(args), **DATA_FLAGS.values(args), **job,
+                         attack=attack_config(args), defense_config=defense_config_from_args(args, job["defense"]))
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -145,20 +152,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     _add_job_args(p, SWEEP_DEFAULTS)
     add_attack_args(p, SWEEP_DEFAULTS)
-    p.add_argument("--alphas", default="0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4")
+    p.add_argument("--values", "--alphas", dest="values", default="0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4",
+                   help="the values of the defense's setting to evaluate (e.g. MeanSparse's alpha; --alphas is the "
+                        "deprecated name), comma-separated; 0, the base model, is always added")
     p.add_argument("--max-clean-drop", type=float, default=0.5,
                    help="rule: best robust accuracy with clean accuracy within this many points of the base")
 
 
-@register_command("sweep", "calibrate once, evaluate a grid of alpha on held-out data, pick alpha", _sweep_args)
+@register_command("sweep", "calibrate once, evaluate a grid of the defense's setting (MeanSparse: alpha) on held-out "
+                           "data, pick one by a rule", _sweep_args)
 def _cmd_sweep(args: argparse.Namespace) -> int:
     try:
-        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+        values = [float(a) for a in args.values.split(",") if a.strip()]
     except ValueError:
-        raise UserError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
-    result = sweep(job_from_args(args), alphas, max_clean_drop=args.max_clean_drop)
+        raise UserError(f"--values must be comma-separated numbers, got {args.values!r}") from None
+    result = sweep(job_from_args(args), values, max_clean_drop=args.max_clean_drop)
     for row in result.curve:
-        print(f"alpha {row['alpha']:<5g} clean {row['clean_acc']:.2f}%  worst case {row['worst_case_acc']:.2f}%")
+        print(f"{result.setting} {row[result.setting]:<5g} clean {row['clean_acc']:.2f}%  "
+              f"worst case {row['worst_case_acc']:.2f}%")
     print(f"chosen {result.setting}: {result.chosen}  ({result.rule})")
     return 0
 
@@ -181,29 +192,35 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, positional=False)
     RUN_FLAGS["job"].add(p, RUN_DEFAULTS)
     WORKERS_FLAGS.add(p)
-    RUN_FLAGS["meansparse"].add(p, MEANSPARSE_DEFAULTS)
+    p.add_argument("--defense", default=_default_defense("setting"), choices=defenses.defense_names(),
+                   help="the defense to compare with the base model (default: %(default)s)")
+    add_defense_args(p)
     RUN_FLAGS["attack"].add(p, RUN_DEFAULTS)
 
 
-def _check_identity(job: EvaluationJob, calibration: Path) -> None:
-    """Sanity check of the inserted model: at alpha=0 it must reproduce the base model exactly."""
+def _check_identity(job: EvaluationJob) -> None:
+    """Sanity check of the defended model: with its setting at 0 (e.g. MeanSparse's alpha) it must reproduce the
+    base model exactly (skipped for a defense without a setting)."""
+    defense = defenses.get_defense(job.defense)
+    if defense.set_setting is None:
+        return
     base, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=job.weights,
                             pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
     x, _ = to_tensors(load_model_data(job.data, "test", info, n=min(16, job.n_examples), cache_dir=job.cache_dir),
                       workers=job.workers)
     x = x.to(job.device)
+    defended, _, _ = build_defended_model(replace(job, progress=False))  # the cached state of ``job.out``
     with torch.no_grad():
         reference = base(x)
-        defended = load_calibration(base, calibration, info.example_input(device=job.device))
-        set_alpha(defended, 0.0)
+        defense.set_setting(defended, 0.0)
         same = torch.equal(defended(x), reference)
     if not same:
-        raise RuntimeError("check failed: MeanSparse at alpha=0 does not reproduce the base model")
-    logger.info("check passed: MeanSparse at alpha=0 reproduces the base model exactly")
+        raise RuntimeError(f"check failed: {defense.title} at {defense.setting}=0 does not reproduce the base model")
+    logger.info("check passed: %s at %s=0 reproduces the base model exactly", defense.title, defense.setting)
 
 
-@register_command("run", "the main job: robustify a model with MeanSparse, check it, and make a quick "
-                         "leaderboard (base vs MeanSparse, APGD-CE and BPDA)", _run_args)
+@register_command("run", "the main job: robustify a model with a defense (default: MeanSparse), check it, and make "
+                         "a quick leaderboard (base vs defended, APGD-CE and BPDA)", _run_args)
 def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     attack = AttackConfig(attacks=("apgd-ce", "bpda"), norm=threat_norm(args.threat_model), dataset=args.dataset,
@@ -211,13 +228,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     job = {**RUN_FLAGS["job"].values(args), "out": str(out / "results" / "base")}
     base_job = EvaluationJob(**job, **MODEL_FLAGS.values(args), **WORKERS_FLAGS.values(args), attack=attack)
     base = run_evaluation(base_job)
-    defended_dir = out / "results" / f"meansparse_{args.alpha:g}"
-    meansparse = MeanSparseConfig(**RUN_FLAGS["meansparse"].values(args))
-    defended = run_evaluation(replace(base_job, defense="meansparse", meansparse=meansparse, out=str(defended_dir)))
-    _check_identity(base_job, Path(defended_dir) / "calibration.safetensors")
+    defense = defenses.get_defense(args.defense)
+    config = defense_config_from_args(args, args.defense)
+    value = getattr(config, defense.setting) if defense.setting else None
+    label = args.defense + (f"_{value:g}" if value is not None else "")
+    defended_job = replace(base_job, defense=args.defense, defense_config=config, out=str(out / "results" / label))
+    defended = run_evaluation(defended_job)
+    _check_identity(defended_job)
     print(to_markdown(write_leaderboard(out / "results", out / "leaderboard")))
+    setting = f" {defense.setting}={value:g}" if value is not None else ""
     print(f"base: clean {100 * base.clean_acc:.2f}%, worst case {100 * base.worst_case_acc:.2f}%; "
-          f"MeanSparse alpha={args.alpha:g}: clean {100 * defended.clean_acc:.2f}%, "
+          f"{defense.title}{setting}: clean {100 * defended.clean_acc:.2f}%, "
           f"worst case {100 * defended.worst_case_acc:.2f}% -> {out / 'leaderboard' / 'leaderboard.md'}")
     warning = not_robust_warning(base, args.model)
     if warning:

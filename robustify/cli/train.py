@@ -14,10 +14,11 @@ import torch
 from robustify.core.errors import UserError
 from robustify.core.config import parse_eps
 from robustify.load.data import load_model_data, to_tensors
-from robustify.defenses import applied_config, apply_defense, defense_config, defense_names, get_defense, save_defense
-from robustify.defenses.sparta.module import load_sparta
+from robustify.defenses import (applied_config, apply_defense, defense_names, file_defense, get_defense, load_defense,
+                                save_defense)
 from robustify.jobs.train import SCHEDULES, TrainConfig, evaluate_pgd, train_defense
-from robustify.cli.common import DATA_FLAGS, add_model_args, load_model_from_args, register_command
+from robustify.cli.common import (DATA_FLAGS, add_defense_args, add_model_args, defense_config_from_args,
+                                  load_model_from_args, register_command)
 from robustify.cli.flags import ConfigFlags, field_names
 
 logger = logging.getLogger("robustify")
@@ -31,31 +32,6 @@ TRAIN_FLAGS = ConfigFlags(TrainConfig, field_names(TrainConfig, exclude=("freeze
                           choices={"schedule": SCHEDULES})
 
 
-def _add_defense_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("placement (Sparta)")
-    g.add_argument("--sparta-preset", default="paper", choices=["paper", "blocks", "all"],
-                   help="paper: last activation of each residual group (ResNet-18 G1-G4.B2); blocks: of every "
-                        "block; all: every conv-map activation")
-    g.add_argument("--site", action="append", default=None, dest="sites",
-                   help="explicit site name (repeatable; overrides the preset and globs)")
-    g.add_argument("--neighborhood", type=int, default=1, help="Sparta N: N x N positions share one score")
-    g.add_argument("--hidden-ratio", type=float, default=1.0, help="width of Conv1/2/3 relative to C (paper: 1)")
-    g.add_argument("--init", choices=["paper", "identity"], default=None,
-                   help="Sparta init (default: identity with a frozen backbone, paper when training jointly)")
-    g.add_argument("--init-logit", type=float, default=3.0, help="starting logit of --init identity")
-    a = p.add_argument_group("placement (activation swaps)")
-    a.add_argument("--replace", action="append", default=None,
-                   help="activation class to swap (repeatable; default ReLU)")
-    a.add_argument("--per-site", action="store_true", help="one parameter set per site (default: shared, as PAF)")
-    p.add_argument("--include", action="append", default=None, help="glob of site names to use (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], help="glob of site names to skip (repeatable)")
-
-
-def _defense_options(args: argparse.Namespace, frozen: bool) -> dict[str, Any]:
-    handler = get_defense(args.defense)
-    return handler.cli_options(args, frozen) if handler.cli_options else {}
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", required=True, choices=defense_names(trainable=True),
                    help="what to insert or swap in")
@@ -67,8 +43,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from an existing checkpoint (default: yes)")
     p.add_argument("--transfer", default=None,
-                   help="pretrained Sparta file to insert frozen (training then updates the backbone only)")
-    _add_defense_args(p)
+                   help="a pretrained defense file (e.g. Sparta from another model) to insert frozen: training then "
+                        "updates the backbone only")
+    add_defense_args(p, trainable=True)
     t = p.add_argument_group("training")
     TRAIN_FLAGS.add(t)
     t.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None,
@@ -86,7 +63,21 @@ def _frozen_default(args: argparse.Namespace) -> bool:
     return args.defense in get_defense(args.defense).learnable
 
 
-@register_command("train", "insert Sparta or swap activations, train adversarially, save the defense", _train_args)
+def _transferred(model: Any, path: str, example: torch.Tensor, name: str) -> Any:
+    """``model`` with the defense of file ``path`` inserted and its parameters frozen (``--transfer``)."""
+    found, handler = file_defense(path)
+    if handler is not get_defense(name):
+        raise UserError(f"--transfer {path} holds a {found!r} defense, not {name!r}")
+    if handler.transfer is not None:  # the defense maps its sites onto another model itself
+        return handler.transfer(model, path, example)
+    model = load_defense(model, path, example)
+    for p in handler.parameters(model):
+        p.requires_grad_(False)
+    return model
+
+
+@register_command("train", "insert a trainable defense (Sparta, an activation swap...), train adversarially, save it",
+                  _train_args)
 def _cmd_train(args: argparse.Namespace) -> int:
     frozen = _frozen_default(args)
     config = TrainConfig(**TRAIN_FLAGS.values(args), freeze_backbone=frozen)
@@ -94,12 +85,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     example = info.example_input(device=args.device)
     torch.manual_seed(args.seed)  # the inserted modules' initial weights
     if args.transfer:
-        if not args.defense.startswith("sparta"):
-            raise UserError("--transfer loads a pretrained Sparta: use it with --defense sparta or sparta-nodp")
-        model = load_sparta(model, args.transfer, example, mapping="auto", freeze=True)
+        model = _transferred(model, args.transfer, example, args.defense)
         defense = applied_config(model)  # the file's config, recorded by the loader
     else:
-        defense = defense_config(args.defense, **_defense_options(args, frozen))
+        defense = defense_config_from_args(args, args.defense)
         model = apply_defense(model, example, defense)
     n = args.n_train
     x, y = to_tensors(load_model_data(args.data, "train", info, n=n, holdout=args.holdout, cache_dir=args.cache_dir))

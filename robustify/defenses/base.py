@@ -128,6 +128,8 @@ class Defense:
         adopt: ``(model, example) -> model or None``: converts its modules that came with a loaded model
             (None: there were none).
         fuse: ``model -> model``: the convert step before ``torch.compile``.
+        transfer: ``(model, path, example) -> model``: a pretrained file inserted frozen into another model
+            (its sites mapped onto the model's; default: :attr:`load` with the same site names, then frozen).
     """
 
     names: tuple[str, ...]
@@ -160,7 +162,7 @@ class Defense:
     set_setting: Callable[[nn.Module, float], None] | None = None
     adopt: Callable[[nn.Module, torch.Tensor], nn.Module | None] | None = None
     fuse: Callable[[nn.Module], nn.Module] | None = None
-    cli_options: Callable[[Any, bool], dict[str, Any]] | None = None  # transitional: flags -> options
+    transfer: Callable[[nn.Module, str | Path, torch.Tensor], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.names, str) or not self.names:

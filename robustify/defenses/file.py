@@ -14,8 +14,9 @@ tensors (:func:`content_digest`), checked on every read so that a tensors file a
 from two different writes, or damaged tensors, are refused. Both files are written
 atomically, the tensors first; the same state gives byte-identical files.
 
-The formats written before this one still load: MeanSparse calibrations
-(``"robustify-meansparse"`` version 1, which had the digest but no ``defense``) and Sparta /
+The formats written before this one still load: a defense registers its own earlier format
+(:func:`register_legacy_format`; MeanSparse's calibrations, ``"robustify-meansparse"`` version 1, had the
+digest but no ``defense``) and Sparta /
 activation-swap files (``"robustify-defense"`` version 1, without a digest). :func:`read_sidecar`
 returns their sidecars in today's shape.
 """
@@ -38,6 +39,8 @@ from robustify.core.io import atomic_path, write_json
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "LEGACY_FORMATS",
+    "register_legacy_format",
     "content_digest",
     "read_defense_file",
     "read_sidecar",
@@ -49,7 +52,9 @@ __all__ = [
 FORMAT = "robustify-defense"
 FORMAT_VERSION = 2
 #: (format, version) pairs written by earlier robustify versions, read through :func:`_upgrade`
-LEGACY_MEANSPARSE = ("robustify-meansparse", 1)
+#: formats written before this one, (format, version) -> the defense they hold (a defense registers its own
+#: with :func:`register_legacy_format`)
+LEGACY_FORMATS: dict[tuple[str, int], str] = {}
 LEGACY_DEFENSE = (FORMAT, 1)
 
 
@@ -104,14 +109,19 @@ def write_defense_file(
     return path
 
 
+def register_legacy_format(name: str, version: int, defense: str) -> None:
+    """Files of format ``name`` version ``version`` (written before the one format) hold ``defense``'s state."""
+    LEGACY_FORMATS[(name, version)] = defense
+
+
 def _upgrade(meta: dict[str, Any], side: Path) -> dict[str, Any]:
     """A sidecar of any readable format in today's shape (a one-line error for others)."""
     key = (meta.get("format"), meta.get("format_version"))
     if key in ((FORMAT, FORMAT_VERSION), LEGACY_DEFENSE):  # v1 defense files already name their defense
         return meta
-    if key == LEGACY_MEANSPARSE:
-        return {**meta, "defense": "meansparse"}
-    if meta.get("format") in (FORMAT, LEGACY_MEANSPARSE[0]):
+    if key in LEGACY_FORMATS:
+        return {**meta, "defense": LEGACY_FORMATS[key]}
+    if meta.get("format") in (FORMAT, *(name for name, _ in LEGACY_FORMATS)):
         raise StateMismatchError(
             f"{str(side)!r} has format version {meta.get('format_version')}, expected {FORMAT_VERSION} "
             f"(or an earlier robustify format)"

@@ -433,9 +433,17 @@ def _owner_classes(model: nn.Module, name: str) -> list[str]:
 PRESETS: dict[str, str] = {
     "all": "every activation call (MeanSparse's 'before every activation')",
     "no-final": "every activation call except the last one in forward order (the final pre-pooling activation)",
-    "published": "the published MeanSparse models' modules and positions, per architecture family "
-    "(robustify.defenses.meansparse.published; an architecture without a published rule is an error)",
 }
+#: presets a defense plans itself from the model's architecture (their :func:`select_sites` is the defense's)
+FAMILY_PRESETS: dict[str, str] = {}
+
+
+def register_preset(name: str, description: str, *, by_family: str = "") -> None:
+    """Add a placement preset; ``by_family``: the function of the defense that plans it from the model's
+    architecture (the preset then needs the model, not the site list alone)."""
+    PRESETS[name] = description
+    if by_family:
+        FAMILY_PRESETS[name] = by_family
 
 
 def _site(model: nn.Module, module: nn.Module, name: str, obs: _Observation, channel_dim: int | None,
@@ -482,8 +490,8 @@ def select_sites(
     """
     if preset not in PRESETS:
         raise UserError(f"unknown placement preset {preset!r}; choose from {sorted(PRESETS)}")
-    if preset == "published":
-        raise UserError("the 'published' preset needs the model's architecture family: use robustify.defenses.meansparse.insert.plan")
+    if preset in FAMILY_PRESETS:
+        raise UserError(f"the {preset!r} preset needs the model's architecture family: use {FAMILY_PRESETS[preset]}")
     candidates = list(sites)
     if preset == "no-final" and candidates:
         candidates = candidates[:-1]
@@ -524,7 +532,7 @@ def _output_probe(model: nn.Module, example: torch.Tensor, names: Sequence[str])
             if not isinstance(output, torch.Tensor):
                 raise UserError(
                     f"module {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor: "
-                    "its output cannot be a MeanSparse site"
+                    "its output cannot be a defense site"
                 )
             producer = module if _producer_width(module) is not None else last_leaf[0]
             observations[name] = (_Observation(tuple(output.shape), producer, len(observations)), len(activations_seen))

@@ -47,7 +47,7 @@ from robustify.core.significance import robust_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditConfig", "audit_job", "audit_result_file", "gradient_census", "run_audit", "unbounded_eps"]
+__all__ = ["AuditConfig", "audit_result_file", "gradient_census", "run_audit", "unbounded_eps"]
 
 
 @dataclass(frozen=True)
@@ -296,16 +296,3 @@ def audit_result_file(out_dir: str | Path, model: nn.Module, x: torch.Tensor, y:
     write_json(path, data)
     logger.info("audit flags: %s (written to %s)", entry["flags"] or "none", path)
     return entry
-
-
-def audit_job(job: Any, audit: AuditConfig | None = None) -> dict[str, Any]:
-    """Audit the evaluation of a :class:`robustify.jobs.evaluate.EvaluationJob` whose ``result.json`` is in
-    ``job.out``: the same model, defense and examples, eager and in float32."""
-    from robustify.jobs.evaluate import build_defended_model, load_examples
-
-    path = Path(job.out) / RESULT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {RESULT_FILE} in {job.out}: run `robustify evaluate` with the same --out first")
-    model, info, _ = build_defended_model(job)
-    x, y = load_examples(job, info)
-    return audit_result_file(job.out, model, x, y, audit, device=job.device)

@@ -1,7 +1,8 @@
 """Compiled/fused path and mixed precision for robustified models.
 
-* :func:`compile_model` wraps ``torch.compile``. It first fuses every MeanSparse with the
-  ``nn.ReLU`` that hosts it (:func:`robustify.defenses.meansparse.insert.fuse_meansparse`: the ReLU becomes a
+* :func:`compile_model` wraps ``torch.compile``. It first runs the ``fuse`` hook of every defense in the
+  model (:func:`fuse_defenses`; MeanSparse's, :func:`robustify.defenses.meansparse.insert.fuse_meansparse`,
+  turns each ReLU hosting a MeanSparse into a
   :class:`~robustify.defenses.meansparse.module.MeanSparseReLU`, same state-dict keys, same eager results).
   Under compilation the pair is ``relu(where(|x - mean| < crop, mean, x))``, which inductor
   fuses with the preceding batch norm into one pointwise kernel: the threshold is folded
@@ -32,14 +33,21 @@ import torch
 from torch import nn
 
 from robustify.core.errors import UserError
-from robustify.defenses.meansparse.insert import fuse_meansparse
+from robustify.defenses.registry import with_hook
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "AutocastModel", "autocast", "compile_model", "for_evaluation"]
+__all__ = ["PRECISIONS", "AutocastModel", "autocast", "compile_model", "for_evaluation", "fuse_defenses"]
 
 #: ``--precision`` names and their autocast dtypes (None: plain float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fuse_defenses(model: nn.Module) -> nn.Module:
+    """Run the ``fuse`` hook (the convert step before compiling) of every defense in ``model``, in place."""
+    for defense in with_hook(model, "fuse"):
+        defense.fuse(model)  # type: ignore[misc]
+    return model
 
 
 def compile_model(
@@ -55,21 +63,21 @@ def compile_model(
     """``torch.compile(model)`` with defaults suited to evaluation (static batch shapes).
 
     Args:
-        model: a (robustified) model. Its only change is the fusion of MeanSparse with
-            ReLU hosts (``fuse``), which keeps its state dict and eager behaviour.
+        model: a (robustified) model. Its only change is its defenses' ``fuse`` step (``fuse``), which keeps
+            its state dict and eager behaviour.
         mode: ``torch.compile`` mode (``None``, ``"reduce-overhead"``, ``"max-autotune"``).
         dynamic: compile for dynamic shapes (default False: attacks use fixed batches; the
             last, smaller batch compiles once more).
         fullgraph: require a single graph (raise on graph breaks).
         backend: ``torch.compile`` backend.
-        fuse: fuse MeanSparse with its ReLU hosts first (:func:`robustify.defenses.meansparse.insert.fuse_meansparse`).
+        fuse: run the defenses' ``fuse`` hooks first (:func:`fuse_defenses`).
         **options: passed to ``torch.compile``.
 
     Returns:
         the compiled module (shares parameters and buffers with ``model``).
     """
     if fuse:
-        fuse_meansparse(model)
+        fuse_defenses(model)
     logger.info("compiling %s with torch.compile(backend=%s, mode=%s)", type(model).__name__, backend, mode)
     return torch.compile(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend, **options)
 
@@ -112,15 +120,15 @@ def for_evaluation(
     """The model as attacks should call it: fused, optionally in mixed precision and/or compiled.
 
     Args:
-        model: a (robustified) model; its MeanSparse+ReLU pairs are fused in place
-            (:func:`robustify.defenses.meansparse.insert.fuse_meansparse`: same state dict, same results).
+        model: a (robustified) model; its defenses' ``fuse`` step runs in place (:func:`fuse_defenses`;
+            MeanSparse: each MeanSparse+ReLU pair fused, same state dict, same results).
         compile: wrap with :func:`compile_model`.
         precision: ``float32`` (default), ``bfloat16`` or ``float16`` (autocast; statistics stay float32).
         device: the device the model runs on (for autocast).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
-    fuse_meansparse(model)
+    fuse_defenses(model)
     dtype = PRECISIONS[precision]
     if dtype is not None:
         model = AutocastModel(model, dtype, device)

@@ -358,6 +358,6 @@ def not_robust_warning(base: EvalResult, model: str) -> str | None:
     if base.worst_case_acc > NOT_ROBUST_ACC:
         return None
     return (f"{model} has {100 * base.worst_case_acc:.1f}% robust accuracy: it is probably not adversarially "
-            "trained, and robustify's defenses are post-training methods for adversarially trained models; run one "
-            "with --model robustbench:NAME (e.g. robustbench:Engstrom2019Robustness) or --weights FILE "
+            "trained, and every robustify defense is a post-training method for adversarially trained models; run "
+            "one with --model robustbench:NAME (e.g. robustbench:Engstrom2019Robustness) or --weights FILE "
             "(e.g. --model aa-resnet18 --weights resnet18_at.pt)")

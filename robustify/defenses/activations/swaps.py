@@ -34,7 +34,7 @@ from torch import nn
 from robustify.core.errors import UserError
 from robustify.core.config import SerializableConfig
 from robustify.defenses.file import read_defense_file, write_defense_file
-from robustify.defenses.base import Defense
+from robustify.defenses.base import Defense, DefenseOptions
 from robustify.defenses.registry import applied_config, applied_sites, record_config, register_defense
 from robustify.core.errors import InsertionError, StateMismatchError
 from robustify.defenses.sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
@@ -346,15 +346,6 @@ def swaps_disabled(model: nn.Module) -> Iterator[nn.Module]:
             set_submodule(model, name, module)
 
 
-def swap_options(args: Any, frozen: bool) -> dict[str, Any]:
-    """Swap-config options from the ``train``/``inspect`` flags."""
-    options = {"include": tuple(args.include or ("*",)), "exclude": tuple(args.exclude),
-               "replace": tuple(args.replace or ("ReLU",))}
-    if getattr(args, "per_site", False):  # else the config's own default
-        options["shared"] = False
-    return options
-
-
 def _save_swap(model: nn.Module, path: str | Path, config: Any, **kwargs: Any) -> Path:
     return save_activations(model, path, **kwargs)
 
@@ -395,7 +386,7 @@ def swap_handler(
         save=_save_swap,
         load=lambda model, path, example, config=None: load_activations(model, path, example, config_type, names),
         modules=swapped_modules,
-        cli_options=swap_options,
+        options=DefenseOptions(fields=("replace", "include", "exclude", "shared"), group="activation swaps"),
         learnable=learnable,
         disabled=swaps_disabled,
         **hooks,

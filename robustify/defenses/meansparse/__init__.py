@@ -23,7 +23,9 @@ from robustify.defenses.meansparse.interop import convert_published_meansparse, 
 from robustify.defenses.meansparse.module import (MeanSparse, MeanSparseReLU, bpda, capture_site_inputs,
                                                   defenses_disabled, in_band, meansparse_modules, set_alpha, soft_bpda)
 from robustify.defenses.meansparse.state import load_calibration, save_calibration
+from robustify.defenses.file import register_legacy_format
 from robustify.defenses.registry import register_defense
+from robustify.defenses.sites import register_preset
 
 __all__ = ["MEANSPARSE", "MeanSparse", "MeanSparseConfig", "MeanSparseReLU", "bpda", "calibrate", "calibrating",
            "check_alpha", "convert_published_meansparse", "defenses_disabled", "fuse_meansparse", "insert_meansparse",
@@ -58,6 +60,12 @@ def _save(model: nn.Module, path: Any, config: MeanSparseConfig, *, model_info: 
           extra: dict[str, Any] | None = None) -> Any:
     return save_calibration(model, path, config=config, model_info=model_info, extra=extra)
 
+
+# calibration files written before the one defense format (format "robustify-meansparse", version 1)
+register_legacy_format("robustify-meansparse", 1, "meansparse")
+register_preset("published", "the published MeanSparse models' modules and positions, per architecture family "
+                "(robustify.defenses.meansparse.published; an architecture without a published rule is an error)",
+                by_family="robustify.defenses.meansparse.insert.plan")
 
 MEANSPARSE = register_defense(Defense(
     names=("meansparse",),

@@ -44,7 +44,7 @@ class MeanSparseConfig(SerializableConfig):
 
     Attributes:
         alpha: threshold in standard deviations; 0 is the identity. Changing it later
-            (:func:`robustify.set_alpha`) never needs recalibration.
+            (:func:`robustify.defenses.meansparse.set_alpha`) never needs recalibration.
         include: glob patterns of site names to use (default: all).
         exclude: glob patterns of site names to skip.
         outputs: glob patterns (``fnmatch``, ``*`` crosses dots) of module names whose *output*

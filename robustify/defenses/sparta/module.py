@@ -52,7 +52,7 @@ from torch import nn
 from robustify.core.errors import UserError
 from robustify.core.config import SerializableConfig
 from robustify.defenses.file import read_defense_file, write_defense_file
-from robustify.defenses.base import Defense
+from robustify.defenses.base import Defense, DefenseOptions
 from robustify.defenses.registry import record_config, register_defense
 from robustify.core.errors import InsertionError, StateMismatchError
 from robustify.defenses.sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
@@ -495,21 +495,6 @@ def _make_config(name: str, **options: Any) -> SpartaConfig:
     return SpartaConfig(variant="sparta" if name == "sparta" else "nodp", **options)
 
 
-def _cli_options(args: Any, frozen: bool) -> dict[str, Any]:
-    """Config options from the ``train``/``inspect`` flags (flags a command lacks keep the defaults)."""
-    options = {
-        "include": tuple(args.include or ("*",)),
-        "exclude": tuple(args.exclude),
-        "preset": args.sparta_preset,
-        "sites": tuple(args.sites or ()),
-        "init": getattr(args, "init", None) or ("identity" if frozen else "paper"),
-    }
-    for name in ("neighborhood", "hidden_ratio", "init_logit"):
-        if getattr(args, name, None) is not None:
-            options[name] = getattr(args, name)
-    return options
-
-
 def _save(model: nn.Module, path: str | Path, config: SpartaConfig, **kwargs: Any) -> Path:
     return save_sparta(model, path, config=config, **kwargs)
 
@@ -540,7 +525,14 @@ SPARTA = register_defense(Defense(
     save=_save,
     load=lambda model, path, example, config=None: load_sparta(model, path, example, mapping="name"),
     modules=lambda model: dict(sparta_modules(model)),
-    cli_options=_cli_options,
     learnable=frozenset(NAMES),
+    options=DefenseOptions(
+        fields=("preset", "sites", "include", "exclude", "neighborhood", "hidden_ratio", "init", "init_logit"),
+        # post-training insertion starts as the identity gate; train from the paper's init with --init paper
+        defaults=SpartaConfig(init="identity"),
+        names={"preset": "sparta-preset", "sites": "site"},
+        choices={"preset": tuple(SPARTA_PRESETS), "init": tuple(INITS)},
+        group="Sparta placement"),
     disabled=sparta_disabled,
+    transfer=lambda model, path, example: load_sparta(model, path, example, mapping="auto", freeze=True),
 ))
