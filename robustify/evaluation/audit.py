@@ -6,7 +6,7 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
 * **unbounded** (``fails-unbounded``): APGD-CE at an eps covering the whole image space
   (Linf 1, L2 ``sqrt(D)``, L1 ``D``) must bring accuracy to chance (``1 / classes``) or below;
   otherwise the attack cannot reach the decision boundary (gradients are masked).
-* **convergence** (``not-converged``): the white-box attack that broke most examples (on a
+* **convergence** (``not-converged``): the gradient-based attack that broke most examples (on a
   thresholding defense: of the BPDA / soft-BPDA ones) runs again on the examples still unbroken, with twice the iterations, twice the restarts
   (at least one more) and another seed; it must not break more than ``convergence_tolerance``
   of all examples.
@@ -15,7 +15,7 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
   budget), and the mean input-gradient norm with and without BPDA; flagged when a site's
   share exceeds ``masked_share``.
 * **noise** (``noise-beats-white-box``): ``noise_draws`` uniform random points in the eps ball
-  of every example that all white-box attacks left unbroken; they must not break more than
+  of every example that all gradient-based attacks left unbroken; they must not break more than
   ``noise_tolerance`` of all examples.
 
 The result is the ``audit`` entry of ``result.json`` (:func:`audit_result_file`); the
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustify.core.errors import UserError
-from robustify.attacks import BLACK_BOX, AttackConfig, build_attack
+from robustify.attacks import AttackConfig, attack_names, build_attack
 from robustify.evaluation.engine import _attack_batch, _chunks, _parameters_frozen, _predict
 from robustify.core.config import SerializableConfig
 from robustify.core.io import write_json
@@ -87,8 +87,9 @@ class AuditConfig(SerializableConfig):
 
 
 def _gradient_attacks(attacks: list[str]) -> list[str]:
-    """The white-box (gradient-based) attacks of a run: everything but Square and transfer."""
-    return [a for a in attacks if a not in BLACK_BOX]
+    """The gradient-based attacks of a run (white-box and adaptive: every kind but black-box)."""
+    gradient = attack_names(gradient=True)
+    return [a for a in attacks if a in gradient]
 
 
 def unbounded_eps(norm: str, x: torch.Tensor) -> float:
@@ -140,10 +141,11 @@ def _per_example_robust(result: EvalResult, attacks: list[str]) -> list[int]:
 
 
 def _strongest(result: EvalResult) -> str | None:
-    """The white-box attack that broke most examples; on a thresholding defense, among the attacks
+    """The gradient-based attack that broke most examples; on a thresholding defense, among the attacks
     with a straight-through or smooth backward (the standard gradients are the masked ones)."""
     attacks = _gradient_attacks([a for a in result.attack_acc if a in result.per_example])
-    through = [a for a in attacks if a.startswith("bpda-") or a == "soft-bpda"]
+    surrogate = attack_names(surrogate_backward=True)
+    through = [a for a in attacks if a in surrogate]
     attacks = through or attacks
     if not attacks:
         return None
@@ -152,7 +154,7 @@ def _strongest(result: EvalResult) -> str | None:
 
 def check_convergence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
                       audit: AuditConfig, device: Any = "cpu") -> dict[str, Any]:
-    """The strongest white-box attack again, with a bigger budget, on the still-unbroken examples."""
+    """The strongest gradient-based attack again, with a bigger budget, on the still-unbroken examples."""
     name = _strongest(result)
     if name is None:
         return {"attack": None, "flag": False}
@@ -229,9 +231,9 @@ def _noise(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -
 
 def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
                 audit: AuditConfig, device: Any = "cpu") -> dict[str, Any]:
-    """Random points in the eps ball of the examples every white-box attack left unbroken."""
-    white = _gradient_attacks([a for a in result.attack_acc if a in result.per_example])
-    left = _per_example_robust(result, white)
+    """Random points in the eps ball of the examples every gradient-based attack left unbroken."""
+    gradient = _gradient_attacks([a for a in result.attack_acc if a in result.per_example])
+    left = _per_example_robust(result, gradient)
     generator = torch.Generator().manual_seed(config.seed)
     broken = set()
     for chunk in _chunks(left, config.batch_size):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from robustify.core.errors import UserError
-from robustify.attacks import BLACK_BOX, STANDARD, WHITE_BOX
+from robustify.attacks import attack_names
 
 __all__ = ["AUDIT_MARGIN", "RESULT_FILE", "EvalResult", "audit", "load_result"]
 
@@ -81,18 +81,26 @@ def _breaks(result: EvalResult, attack: str) -> set[int]:
     return {i for i, v in enumerate(result.per_example.get(attack, [])) if v == 1}
 
 
+def _among(attacks: list[str], names: tuple[str, ...]) -> list[str]:
+    """The attacks of ``attacks`` that are among ``names``, in ``attacks``' order."""
+    return [a for a in attacks if a in names]
+
+
 def audit(result: EvalResult) -> list[str]:
     """Flags that suggest gradient masking or an unreliable evaluation.
 
-    * ``black-box-beats-white-box``: Square or the transfer attack breaks examples that
+    * ``black-box-beats-white-box``: a black-box attack (Square, transfer) breaks examples that
       every white-box attack run left robust (more than 0.2 points, as AutoAttack's check).
-    * ``bpda-beats-standard``: BPDA-APGD breaks examples standard APGD did not.
+    * ``bpda-beats-standard``: a straight-through (BPDA) attack breaks examples standard APGD did not.
     * ``adaptive-beats-standard``: the adaptive attack breaks examples standard attacks did not.
     * ``autoattack-checks``: one of AutoAttack's own checks fired (see ``aa_checks``).
+
+    What an attack is (white-box, black-box, straight-through, standard) is the attack registry's
+    (:func:`robustify.attacks.attack_names`).
     """
     n = max(result.n_examples, 1)
     attacks = list(result.attack_acc)
-    white = [a for a in attacks if a in WHITE_BOX]
+    white = _among(attacks, attack_names(kind="white-box"))
     flags = []
 
     def extra(attacks_a: list[str], attacks_b: list[str]) -> float:
@@ -100,13 +108,13 @@ def audit(result: EvalResult) -> list[str]:
         b = set().union(*[_breaks(result, x) for x in attacks_b]) if attacks_b else set()
         return len(a - b) / n
 
-    if white and extra([a for a in attacks if a in BLACK_BOX], white) > AUDIT_MARGIN:
+    if white and extra(_among(attacks, attack_names(gradient=False)), white) > AUDIT_MARGIN:
         flags.append("black-box-beats-white-box")
     std_apgd = [a for a in attacks if a in ("apgd-ce", "apgd-dlr")]
-    bpda_attacks = [a for a in attacks if a.startswith("bpda-")]
+    bpda_attacks = _among(attacks, attack_names(requires="straight_through"))
     if std_apgd and bpda_attacks and extra(bpda_attacks, std_apgd) > AUDIT_MARGIN:
         flags.append("bpda-beats-standard")
-    standard = [a for a in attacks if a in STANDARD]
+    standard = _among(attacks, attack_names(standard=True))
     if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
         flags.append("adaptive-beats-standard")
     if result.aa_checks:

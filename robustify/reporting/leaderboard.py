@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from robustify.core.errors import UserError
-from robustify.attacks import ATTACKS, AUTOATTACK_SUITE, STANDARD, AttackConfig, autoattack_gaps
+from robustify.attacks import AttackConfig, attack_names, autoattack_gaps, autoattack_suite
 from robustify.core.config import format_eps, untagged
 from robustify.core.io import atomic_path, write_json, write_text
 from robustify.reporting.page import write_latex, write_page
@@ -74,7 +74,7 @@ def _pct(x: float) -> float:
 
 def _standard_acc(result: dict[str, Any]) -> float | None:
     per = result.get("per_example", {})
-    standard = [a for a in STANDARD if a in per]
+    standard = [a for a in attack_names(standard=True) if a in per]
     if not standard:
         return None
     robust = robust_mask(per, standard)
@@ -88,7 +88,7 @@ def _autoattack_acc(result: dict[str, Any], cfg: AttackConfig) -> float | None:
         return None
     per = result["per_example"]
     robust = [c == 1 for c in per["clean_correct"]]
-    for attack in AUTOATTACK_SUITE:
+    for attack in autoattack_suite():
         for i, broke in enumerate(per[attack]):
             if robust[i]:
                 if broke is None:
@@ -257,10 +257,11 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     df = df.sort_values(["worst_case_acc", "clean_acc", "model", "defense", "alpha"],
                         ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
+    attacks = attack_names()
     attack_cols = sorted((c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc",
                                                                                       "autoattack_acc",
                                                                                       "worst_case_acc")),
-                         key=lambda c: (ATTACKS.index(c[:-4]) if c[:-4] in ATTACKS else len(ATTACKS), c))
+                         key=lambda c: (attacks.index(c[:-4]) if c[:-4] in attacks else len(attacks), c))
     order = _with_extras(LEAD_COLUMNS + attack_cols + TAIL_COLUMNS, df.columns)
     return df[[c for c in order if c in df.columns]].reset_index(drop=True)
 
@@ -323,7 +324,7 @@ def model_info(row: pd.Series) -> dict[str, Any]:
     aa = row.get("autoattack_acc")
     earned = aa is not None and not pd.isna(aa)
     worst = row["worst_case_acc"]
-    missing = [a for a in AUTOATTACK_SUITE if a not in str(row["attacks"]).split(",")]
+    missing = [a for a in autoattack_suite() if a not in str(row["attacks"]).split(",")]
     used = (f"attacks: {row['budgets']}" if earned else
             "no autoattack_acc: not AutoAttack's standard evaluation ("
             + (f"no {', '.join(missing)}" if missing else "other budgets") + f"); attacks: {row['budgets']}")
