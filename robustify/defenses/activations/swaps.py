@@ -336,6 +336,9 @@ def swapped_modules(model: nn.Module) -> dict[str, nn.Module]:
 def swaps_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """The replaced activations are back in place inside the block: the base model."""
     originals: dict[str, nn.Module] = getattr(model, ORIGINALS_ATTR, None) or {}
+    if swapped_modules(model) and not originals:
+        raise UserError("the swapped model does not know the activations it replaced (swapped by an older robustify?): "
+                        "swap or load it again with robustify.apply_defense / load_defense")
     swapped = {name: model.get_submodule(name) for name in originals}
     for name, module in originals.items():
         set_submodule(model, name, module)
