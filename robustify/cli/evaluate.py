@@ -22,6 +22,7 @@ from robustify.attacks import AttackConfig, threat_norm
 from robustify.evaluation.audit import AuditConfig
 from robustify.jobs.audit import audit_job
 from robustify.core.config import format_eps
+from robustify.defenses import defense_names
 from robustify.load.data import load_model_data, to_tensors
 from robustify.evaluation.fast import PRECISIONS
 from robustify.reporting.leaderboard import to_markdown, write_leaderboard, write_result_table
@@ -84,6 +85,14 @@ def _add_job_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None
     add_defense_args(p)
     DATA_FLAGS.add(p, defaults)
     JOB_FLAGS.add(p, defaults, required=("out",))
+    _list_defenses(p)
+
+
+def _list_defenses(p: argparse.ArgumentParser) -> None:
+    """``--defense`` shows the registered defenses (plugins included) as its choices in ``--help``; the job checks
+    the name (its one-line error for an unknown one, where argparse's choices would print the usage)."""
+    action = next(a for a in p._actions if a.dest == JOB_FLAGS.dest("defense"))
+    action.metavar = "{" + ",".join(("none", *defense_names())) + "}"
 
 
 def job_from_args(args: argparse.Namespace) -> EvaluationJob:

@@ -3,9 +3,9 @@
 A plugin package declares, in its ``pyproject.toml``::
 
     [project.entry-points."robustify.defenses"]
-    kwta = "robustify_kwta"
+    mydefense = "robustify_mydefense"
 
-and importing ``robustify`` imports ``robustify_kwta``, which registers itself
+and importing ``robustify`` imports ``robustify_mydefense``, which registers itself
 (``register_defense``, ``register_attack``, ``register_dataset``, ``register_writer``), as pytest
 loads the ``pytest11`` group. The groups are listed in :data:`GROUPS`. A plugin that fails to import
 is logged and skipped: a broken plugin never stops robustify (``ROBUSTIFY_NO_PLUGINS=1`` skips them all).
