@@ -24,7 +24,8 @@ import robustify as rb  # noqa: E402
 from robustify import defenses  # noqa: E402
 from robustify.attacks import not_applicable  # noqa: E402
 from robustify.cli import build_parser, main  # noqa: E402
-from robustify.evaluation.audit import AuditConfig, audit_job, gradient_census  # noqa: E402
+from robustify.evaluation.audit import AuditConfig, gradient_census  # noqa: E402
+from robustify.jobs.audit import audit_job  # noqa: E402
 from robustify.jobs.evaluate import EvaluationJob, run_evaluation  # noqa: E402
 from robustify.reporting.leaderboard import write_leaderboard  # noqa: E402
 from tinynets import tiny_cnn, write_labelled_npz  # noqa: E402
@@ -223,3 +224,12 @@ def test_robustify_evaluate_applies_it_with_its_config(evaluated: dict[str, Any]
                  "--out", str(out)]) == 0
     meta = json.loads((out / "result.json").read_text())["meta"]
     assert meta["defense"] == "kwta" and meta["defense_config"]["ratio"] == 0.1 and meta["not_applicable"] == {}
+
+
+def test_soft_bpda_is_not_applicable_with_the_right_reason() -> None:
+    """k-WTA offers a straight-through backward but no smooth surrogate: soft-BPDA is n/a because of that, not
+    because the defense is differentiable (it is not)."""
+
+    model = rb.apply_defense(tiny_cnn(), torch.rand(1, 3, 32, 32), kwta.KWTAConfig())
+    assert not_applicable("bpda-apgd-ce", model, defended=True) is None
+    assert not_applicable("soft-bpda", model, defended=True) == "kwta offers no smooth-surrogate backward"

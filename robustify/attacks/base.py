@@ -265,7 +265,12 @@ def not_applicable(attack: str, model: nn.Module, *, defended: bool) -> str | No
     if missing is None or reasons is None:
         return missing
     absent, lacking = reasons
-    return lacking if defenses_in(model) else absent
+    present = defenses_in(model)
+    if not present:
+        return absent
+    if spec.surrogate_backward and not all(h.differentiable for h in present):
+        return missing  # e.g. a straight-through backward but no smooth one: "the defense is differentiable" is wrong
+    return lacking
 
 
 def build_attack(

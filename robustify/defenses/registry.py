@@ -53,6 +53,7 @@ __all__ = [
     "defense_parameters",
     "defenses_in",
     "disabled",
+    "missing_hook",
     "file_defense",
     "get_defense",
     "handler_for_config",
@@ -146,7 +147,7 @@ def missing_hook(model: nn.Module, hook: str) -> str | None:
         return f"no defense in the model offers {HOOKS.get(hook, hook)}"
     if not any(h.has(hook) for h in present):
         names = ", ".join(h.name for h in present)
-        return f"{names} offers no {HOOKS.get(hook, hook)}"
+        return f"{names} offers no {HOOKS.get(hook, hook).removeprefix('a ')}"
     return None
 
 

@@ -290,10 +290,11 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
     """The result's ``meta``: the job's identity and, from each registered defense's ``meta`` hook, what it records
     (the job's defense with its config; the others say whether they are in the model)."""
     meta: dict[str, Any] = {"model": job.model, "defense": job.defense}
+    config = getattr(model, defenses.CONFIG_ATTR, None) or job.defense_config  # a file's own, where one was loaded
     for defense in defenses.handlers():
         applied = job.defense != "none" and defense is defenses.get_defense(job.defense)
         if applied or defense.meta is not None:
-            meta.update(defense.record(model, job.defense_config if applied else None))
+            meta.update(defense.record(model, config if applied else None))
     meta.update({"dataset": info.dataset, "data": job.data, "split": job.split, "weights": job.weights,
                  "defense_weights": job.defense_weights})
     if job.precision != "float32":  # results depend on it; compiling changes float32 rounding only

@@ -35,7 +35,7 @@ from robustify.core.errors import UserError
 from robustify.core.config import SerializableConfig
 from robustify.defenses.file import read_defense_file, write_defense_file
 from robustify.defenses.base import Defense, DefenseOptions
-from robustify.defenses.registry import applied_config, applied_sites, record_config, register_defense
+from robustify.defenses.registry import CONFIG_ATTR, applied_config, applied_sites, record_config, register_defense
 from robustify.core.errors import InsertionError, StateMismatchError
 from robustify.defenses.sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
 
@@ -353,6 +353,17 @@ def _save_swap(model: nn.Module, path: str | Path, config: Any, **kwargs: Any) -
     return save_activations(model, path, **kwargs)
 
 
+def _swapped_by(config_type: type) -> Any:
+    """``swapped_modules`` of a model whose recorded swap config is a ``config_type``: each swap registration
+    claims the models it swapped (or loaded) only, not another swap's nor a network built with such activations."""
+    def modules(model: nn.Module) -> dict[str, nn.Module]:
+        if not isinstance(getattr(model, CONFIG_ATTR, None), config_type):
+            return {}
+        return swapped_modules(model)
+
+    return modules
+
+
 def _betas(model: nn.Module) -> list[nn.Parameter]:
     betas = {id(m.beta): m.beta for m in swapped_modules(model).values() if isinstance(m, PSSiLU)}
     return [b for b in betas.values() if b.requires_grad]
@@ -388,7 +399,7 @@ def swap_handler(
         apply=swap_activations,
         save=_save_swap,
         load=lambda model, path, example, config=None: load_activations(model, path, example, config_type, names),
-        modules=swapped_modules,
+        modules=_swapped_by(config_type),
         options=DefenseOptions(fields=("replace", "include", "exclude", "shared"), group="activation swaps"),
         learnable=learnable,
         disabled=swaps_disabled,
