@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from robustify.load.datasets import EPS, dataset_eps
 from robustify.attacks.base import THREAT_NORMS, aliases, attack_names, autoattack_suite, expand_attacks, get_attack, \
     on_registry_change
 from robustify.core.config import SerializableConfig, format_eps, parse_eps
@@ -21,12 +22,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "default_eps", "threat_norm"]
 
-#: RobustBench's eps per (dataset, threat model); L1: AutoAttack's L1 evaluation (Croce & Hein 2021) on CIFAR
-DEFAULT_EPS: dict[tuple[str, str], float] = {
-    ("cifar10", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5, ("cifar10", "L1"): 12.0,
-    ("cifar100", "Linf"): 8 / 255, ("cifar100", "L2"): 0.5, ("cifar100", "L1"): 12.0,
-    ("imagenet", "Linf"): 4 / 255,
-}
+#: RobustBench's eps per (dataset, threat model): a live view of the dataset registry (each dataset's registration)
+DEFAULT_EPS = EPS
 
 
 def threat_norm(threat_model: str) -> str:
@@ -35,12 +32,9 @@ def threat_norm(threat_model: str) -> str:
 
 
 def default_eps(dataset: str, norm: str) -> float:
-    """RobustBench's eps for ``dataset`` under ``norm`` (:data:`DEFAULT_EPS`)."""
-    try:
-        return DEFAULT_EPS[(dataset, norm)]
-    except KeyError:
-        raise UserError(f"no default eps for {dataset} {norm} (RobustBench has no such leaderboard): "
-                         "give one (--eps)") from None
+    """RobustBench's eps for ``dataset`` under ``norm``: the dataset's registration (:data:`DEFAULT_EPS`);
+    a one-line error "no default eps for {dataset} {norm} (RobustBench has no such leaderboard): give one (--eps)"."""
+    return dataset_eps(dataset, norm)
 
 
 @functools.lru_cache(maxsize=None)

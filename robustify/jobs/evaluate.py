@@ -44,8 +44,9 @@ class EvaluationJob(SerializableConfig):
     Attributes:
         model: robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function.
         defense: none, or a registered defense (:func:`robustify.defenses.defense_names`).
-        data: cifar10, cifar100, imagenet:DIR, folder:DIR or a .npz file (x_train, y_train, x_test, y_test).
-        dataset: cifar10, cifar100 or imagenet (the model's leaderboard).
+        data: a registered dataset's NAME or NAME:DIR (cifar10, cifar100, imagenet:DIR), folder:DIR or a .npz file
+            (x_train, y_train, x_test, y_test).
+        dataset: the model's leaderboard, a registered dataset: cifar10, cifar100, imagenet or a plugin's.
         threat_model: the model's leaderboard threat model: Linf, L2 or corruptions.
         weights: local checkpoint (safetensors or weights-only PyTorch file).
         defense_weights: the defense's file: a calibration (``robustify calibrate``) or trained parameters

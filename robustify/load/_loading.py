@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from robustify.core.errors import first_line  # noqa: F401 - re-exported: models and zoo import it from here
+from robustify.load.datasets import FieldTable
 
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
-
-
+#: ``{dataset: classes}``, a live view of the dataset registry (:mod:`robustify.load.datasets`)
+DATASET_CLASSES = FieldTable("classes")
 
 
 def html_page_error(path: str | Path) -> str | None:

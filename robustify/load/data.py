@@ -1,10 +1,10 @@
 """Datasets as tensors of images in [0, 1]: the data half of the "load" step.
 
-Specs: ``cifar10`` / ``cifar100`` (torchvision, downloaded into a cache), ``imagenet:DIR``
-(ImageNet's ``train/`` and ``val/`` folders; the test split is RobustBench's fixed
-5000-image subset of ``val/``, in RobustBench's order), ``folder:DIR`` (any ImageFolder tree
-with ``train/`` and ``val/``; the test split is all of ``val/``), or a ``.npz`` file with
-``x_train, y_train, x_test, y_test`` (uint8 NCHW, as ``shared/data/cifar10_subset.npz``).
+Specs: a registered dataset's name or ``NAME:DIR`` (:mod:`robustify.load.datasets`: ``cifar10`` /
+``cifar100``, torchvision, downloaded into a cache; ``imagenet:DIR``, ImageNet's ``train/`` and ``val/``
+folders, the test split being RobustBench's fixed 5000-image subset of ``val/``, in RobustBench's order),
+``folder:DIR`` (any ImageFolder tree with ``train/`` and ``val/``; the test split is all of ``val/``), or a
+``.npz`` file with ``x_train, y_train, x_test, y_test`` (uint8 NCHW, as ``shared/data/cifar10_subset.npz``).
 Image files get the model's preprocessing (``transform``, see :mod:`robustify.load.preprocessing`).
 
 Splits: ``test`` for evaluation; ``train`` for calibration, minus ``holdout`` examples, which
@@ -18,7 +18,6 @@ order; elsewhere ``n`` keeps the first examples and the holdout is the last ``ho
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from robustify.core.errors import DataError
+from robustify.load.datasets import DatasetSpec, datasets, find_dataset
+from robustify.load.datasets._files import image_folder
 from robustify.load.models import ModelInfo, default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ __all__ = ["DataError", "check_image_size", "class_spread_order", "default_worke
 
 SPLITS = ("train", "test", "holdout")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-IMAGE_SPECS = ("imagenet:", "folder:")
+FOLDER_SPEC = "folder:"  # any ImageFolder tree; a registered dataset's image files are ``NAME:DIR``
 MAX_AUTO_WORKERS = 8
 
 
@@ -128,102 +129,43 @@ def _npz(path: Path, split: str) -> TensorDataset:
     return TensorDataset(xt, yt)
 
 
-def _torchvision(name: str, split: str, cache: Path) -> Dataset:
-    import torchvision
-    from torchvision import transforms
+def _named(spec: str) -> DatasetSpec | None:
+    """The registered dataset the data spec ``spec`` names (``NAME``), if it can load it."""
+    found = find_dataset(spec)
+    return found if found is not None and found.load is not None else None
 
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-    root = cache / "data"
-    try:
-        return cls(str(root), train=split != "test", download=True, transform=transforms.ToTensor())
-    except Exception as exc:  # noqa: BLE001 - URLError, gaierror, ...
-        raise DataError(
-            f"could not download {name} into {root} ({type(exc).__name__}); offline, point robustify at "
-            "local data: --data file.npz (x_train, y_train, x_test, y_test; uint8 NCHW)"
-        ) from exc
+
+def _files_dataset(spec: str) -> DatasetSpec | None:
+    """The registered dataset whose image files ``spec`` (``NAME:DIR``) names, if it reads them."""
+    kind, sep, _ = spec.partition(":")
+    found = find_dataset(kind) if sep else None
+    return found if found is not None and found.load_files is not None else None
+
+
+def _spec_choices() -> str:
+    """The data specs :func:`load_data` takes, in words (``cifar10, cifar100, imagenet:DIR, folder:DIR or ...``)."""
+    named = [d.name for d in datasets() if d.load is not None]
+    files = [f"{d.name}:DIR" for d in datasets() if d.load_files is not None]
+    return ", ".join([*named, *files, f"{FOLDER_SPEC}DIR"]) + " or a .npz file"
 
 
 def reads_image_files(spec: str) -> bool:
     """Whether ``spec`` names image files (which take the model's preprocessing)."""
-    return spec.startswith(IMAGE_SPECS)
-
-
-def _image_folder(folder: Path, transform: Callable | None) -> Dataset:
-    from torchvision import datasets
-
-    if not folder.is_dir():
-        raise DataError(f"image folder {str(folder)!r} does not exist (expected DIR/train and DIR/val)")
-    try:
-        return datasets.ImageFolder(str(folder), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"{str(folder)!r} is not an ImageFolder (one sub-folder of images per class): {exc}") from exc
-
-
-def _robustbench_helper_file(name: str) -> Path:
-    from robustify.core.compat import import_robustbench
-
-    return Path(import_robustbench().__file__).parent / "helper_files" / name
-
-
-def _check_imagenet_classes(folder: Path) -> None:
-    """Labels are ImageNet's only if the class folders are exactly ImageNet's 1000 synsets."""
-    if not folder.is_dir():
-        raise DataError(f"ImageNet folder {str(folder)!r} does not exist (expected DIR/train and DIR/val)")
-    expected = json.loads(_robustbench_helper_file("imagenet_class_to_id_map.json").read_text())
-    found = {d.name for d in os.scandir(folder) if d.is_dir()}
-    if found != set(expected):
-        missing, unknown = sorted(set(expected) - found), sorted(found - set(expected))
-        raise DataError(
-            f"{str(folder)!r} does not hold ImageNet's {len(expected)} class folders ({len(missing)} missing, e.g. "
-            f"{missing[:2]}; {len(unknown)} unknown, e.g. {unknown[:2]}); for another image folder use folder:DIR"
-        )
-
-
-class RobustBenchImageNet(Dataset):
-    """RobustBench's fixed 5000-image ImageNet test subset (``robustbench.loaders.CustomImageFolder``,
-    RobustBench's order), yielding ``(image, label)``."""
-
-    def __init__(self, val_dir: Path, transform: Callable | None) -> None:
-        from robustify.core.compat import import_robustbench
-
-        import_robustbench()
-        from robustbench.loaders import CustomImageFolder
-
-        _check_imagenet_classes(val_dir)
-        self.folder = CustomImageFolder(str(val_dir), transform)
-        self.val_dir = val_dir
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label, _ = self.folder[index]
-        return image, label
-
-    def check_files(self, indices: Sequence[int]) -> None:
-        """A one-line error if an image of ``indices`` is absent from the val folder."""
-        missing = [self.folder.samples[i][0] for i in indices if not os.path.isfile(self.folder.samples[i][0])]
-        if missing:
-            raise DataError(
-                f"{str(self.val_dir)!r} lacks {len(missing)} of the {len(indices)} RobustBench test images asked for "
-                f"(e.g. {missing[0]!r}): imagenet:DIR evaluates RobustBench's fixed subset of ImageNet's val set; "
-                "for another image folder use folder:DIR"
-            )
+    return spec.startswith(FOLDER_SPEC) or _files_dataset(spec) is not None
 
 
 def _image_dataset(spec: str, split: str, transform: Callable | None) -> Dataset:
-    kind, _, root_text = spec.partition(":")
-    root = Path(root_text)
-    if transform is None:
-        from robustify.load.preprocessing import build_transform
+    """``folder:DIR`` or a registered dataset's ``NAME:DIR``; ``transform`` None: the dataset's default preprocessing."""
+    from robustify.load.preprocessing import build_transform
 
-        transform = build_transform(None)
-    if kind == "imagenet" and split == "test":
-        return RobustBenchImageNet(root / "val", transform)
-    folder = root / ("val" if split == "test" else "train")
-    if kind == "imagenet":
-        _check_imagenet_classes(folder)
-    return _image_folder(folder, transform)
+    root = Path(spec.partition(":")[2])
+    owner = _files_dataset(spec)
+    if transform is None:
+        default = owner.preprocessing if owner is not None else None
+        transform = build_transform({"source": "default", "name": default} if default else None)
+    if owner is None:
+        return image_folder(root / ("val" if split == "test" else "train"), transform)
+    return owner.load_files(root, split, transform)  # type: ignore[misc]
 
 
 def class_spread_order(targets: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -287,12 +229,12 @@ def load_data(
             )
         if n is not None or holdout:
             _warn_if_class_sorted(spec, dataset)
-    elif spec in ("cifar10", "cifar100"):
-        dataset = _torchvision(spec, split, cache)
+    elif (named := _named(spec)) is not None:
+        dataset = named.load(split, cache)  # type: ignore[misc]
     elif reads_image_files(spec):
         dataset = _image_dataset(spec, split, transform)
     else:
-        raise DataError(f"unknown dataset {spec!r}: use cifar10, cifar100, imagenet:DIR, folder:DIR or a .npz file")
+        raise DataError(f"unknown dataset {spec!r}: use {_spec_choices()}")
     order, spread = _selection_order(dataset)
     size = len(order)
     if split != "test" and holdout:
@@ -311,8 +253,9 @@ def load_data(
         if n > len(order):
             raise DataError(f"asked for {n} examples but the {split} split of {spec!r} has {len(order)}")
         order = order[:n]
-    if isinstance(dataset, RobustBenchImageNet):
-        dataset.check_files(order)
+    check_files = getattr(dataset, "check_files", None)  # a dataset that can tell missing image files early
+    if callable(check_files):
+        check_files(order)
     return dataset if order == range(size) else Subset(dataset, order)
 
 
@@ -328,7 +271,7 @@ def _reads_files(dataset: Dataset) -> bool:
 
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    return isinstance(dataset, (DatasetFolder, RobustBenchImageNet))
+    return isinstance(dataset, DatasetFolder) or bool(getattr(dataset, "reads_files", False))
 
 
 def default_workers(dataset: Dataset) -> int:

@@ -31,14 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustify.load._loading import DATASET_CLASSES, first_line, html_page_error
+from robustify.load._loading import first_line, html_page_error
+from robustify.load.datasets import FieldTable, find_dataset
 from robustify.core.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelInfo", "ModelLoadError", "Normalize", "load_model", "load_state_dict_file"]
 
-DATASET_INPUT = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
+#: ``{dataset: (C, H, W)}``, a live view of the dataset registry (:mod:`robustify.load.datasets`)
+DATASET_INPUT = FieldTable("input_size")
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 
 
@@ -290,13 +292,14 @@ def load_model(
     Raises :class:`ModelLoadError` with a one-line reason for unknown specs and unusable
     checkpoints.
     """
-    if dataset not in DATASET_INPUT:
+    facts = find_dataset(dataset)
+    if facts is None:
         raise ModelLoadError(f"unknown dataset {dataset!r}; choose from {sorted(DATASET_INPUT)}")
     if threat_model not in THREAT_MODELS:
         raise ModelLoadError(f"unknown threat model {threat_model!r}; choose from {list(THREAT_MODELS)}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    input_size = DATASET_INPUT[dataset]
-    num_classes = DATASET_CLASSES[dataset]
+    input_size = facts.input_size
+    num_classes = facts.classes
     download = pretrained and weights is None
     target: nn.Module
     if spec == "aa-resnet18":
@@ -307,7 +310,7 @@ def load_model(
         model = target = _robustbench(name, dataset, threat_model, download, cache)
     elif spec.startswith("timm:"):
         source, name = "timm", spec.split(":", 1)[1]
-        model, input_size = _timm(name, download, num_classes if dataset != "imagenet" else None)
+        model, input_size = _timm(name, download, None if facts.timm_pretrained else num_classes)
         target = model.model  # type: ignore[assignment]
     elif ":" in spec and not spec.startswith(("/", ".")):
         source, name = "factory", spec

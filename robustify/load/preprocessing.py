@@ -10,8 +10,8 @@ model, see :class:`robustify.load.models.NormalizedModel`):
   off ImageNet).
 * ``timm:NAME`` — timm's pretrained config (``timm.data.resolve_data_config`` /
   ``create_transform``) without its ``Normalize``.
-* anything else — ``Res256Crop224`` (RobustBench's ImageNet default) for ImageNet,
-  ``ToTensor`` otherwise.
+* anything else — the dataset's registered default (:attr:`robustify.load.datasets.DatasetSpec.preprocessing`:
+  ``Res256Crop224``, RobustBench's ImageNet default, for ImageNet), ``ToTensor`` where it has none.
 
 The description (a small JSON-able dict) is kept in :attr:`robustify.load.models.ModelInfo.preprocessing`
 and, with the transform itself spelled out, in every result's meta.
@@ -26,10 +26,13 @@ from typing import Any
 
 from torch import nn
 
+from robustify.load.datasets import find_dataset
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_transform", "describe_transform", "model_preprocessing"]
 
+#: the preprocessing of image files nothing else describes (``folder:DIR``): RobustBench's ImageNet default
 DEFAULT_IMAGENET = "Res256Crop224"
 TIMM_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode")
 
@@ -71,7 +74,13 @@ def model_preprocessing(source: str, name: str, dataset: str, threat_model: str,
         return {"source": "robustbench", "name": keys[0] if keys else "timm"}
     if source == "timm" and net is not None:
         return {"source": "timm", **_timm_config(net)}
-    return {"source": "default", "name": DEFAULT_IMAGENET if dataset == "imagenet" else None}
+    return {"source": "default", "name": _dataset_default(dataset)}
+
+
+def _dataset_default(dataset: str) -> str | None:
+    """The registered default preprocessing of ``dataset``'s image files (None: none, or no such dataset)."""
+    spec = find_dataset(dataset)
+    return spec.preprocessing if spec is not None else None
 
 
 def build_transform(preprocessing: Mapping[str, Any] | None, *, model: str = "", dataset: str = "imagenet",

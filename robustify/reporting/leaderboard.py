@@ -2,9 +2,12 @@
 
 :func:`collect` reads every ``result.json`` below a directory; :func:`build_table` makes one
 row per (model, defense, settings), ranked by worst-case robust accuracy (RobustBench ranks
-by the best known robust accuracy); :func:`write_leaderboard` writes the CSV, a markdown
-table, RobustBench-style ``model_info`` JSON per row and the plots. Every file is written
-atomically and rebuilt from the results, so rebuilding never duplicates or loses a row.
+by the best known robust accuracy); :func:`write_leaderboard` runs the registered output formats
+(:mod:`robustify.reporting.writers`: the CSV, a markdown table, RobustBench-style ``model_info`` JSON
+per row, the plots, the web page, the LaTeX table, and the plugins' formats). A defense's setting
+(its registered ``setting``, e.g. MeanSparse's ``alpha``) is a column when some row has a value for it
+(:mod:`robustify.reporting.settings`). Every file is written atomically and rebuilt from the results,
+so rebuilding never duplicates or loses a row.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import datetime
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +25,20 @@ import pandas as pd
 from robustify.core.errors import UserError
 from robustify.attacks import AttackConfig, attack_names, autoattack_gaps, autoattack_suite
 from robustify.core.config import format_eps, untagged
-from robustify.core.io import atomic_path, write_json, write_text
-from robustify.reporting.page import write_latex, write_page
+from robustify.core.io import atomic_path
+from robustify.reporting.settings import setting_columns, setting_names
+from robustify.reporting.writers import WriteContext, run_writers
 from robustify.core.significance import LEVEL, ci_text, find_base, paired_comparison, robust_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_table", "collect", "result_row", "write_leaderboard", "write_result_table"]
+__all__ = ["build_table", "collect", "lead_columns", "model_info", "reproduce_note", "result_row", "to_markdown",
+           "write_leaderboard", "write_result_table"]
 
 EPS_MARGIN = 0.2  # percentage points
 REPRODUCE_FILE = "REPRODUCE.md"  # in a results directory: the commands that produced its results
-LEAD_COLUMNS = ["rank", "model", "defense", "alpha", "dataset", "threat_model", "eps", "n_examples", "mode",
-                "clean_acc"]
+#: the first columns; the defenses' setting columns (:func:`lead_columns`) go after ``defense``
+LEAD_COLUMNS = ["rank", "model", "defense", "dataset", "threat_model", "eps", "n_examples", "mode", "clean_acc"]
 TAIL_COLUMNS = ["standard_acc", "autoattack_acc", "worst_case_acc", "flags", "not_applicable", "attacks", "budgets",
                 "precision", "seconds", "settings_id",
                 "robustify_version", "torch_version", "pyautoattack_version", "result"]
@@ -43,6 +49,12 @@ AUDIT_COLUMNS = ["audit_unbounded", "audit_newly_broken", "audit_band_share", "a
 #: inserted after ``seconds``: forward+backward example-passes in all, per example, and per attack
 COST_COLUMNS = ["passes", "passes_per_example", "cost", "seconds_per_attack"]
 VOLATILE = ("seconds", "seconds_per_attack", "robustify_version", "torch_version", "pyautoattack_version", "result", "rank")
+
+
+def lead_columns(settings: list[str]) -> list[str]:
+    """:data:`LEAD_COLUMNS` with the setting columns ``settings`` after ``defense``."""
+    at = LEAD_COLUMNS.index("defense") + 1
+    return LEAD_COLUMNS[:at] + list(settings) + LEAD_COLUMNS[at:]
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -120,7 +132,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "model": meta.get("model", "?"),
         "defense": meta.get("defense", "none"),
-        "alpha": meta.get("alpha"),
+        **{setting: meta.get(setting) for setting in setting_names()},  # as each defense's meta hook records it
         "dataset": meta.get("dataset", "?"),
         "threat_model": config["norm"],
         "eps": format_eps(config["eps"], config["norm"]),
@@ -229,8 +241,9 @@ def _eps_value(text: str) -> float:
 
 
 def _flag_eps_monotonicity(df: pd.DataFrame) -> pd.DataFrame:
-    """Flag rows whose robust accuracy does not fall as eps grows (same model/defense/alpha)."""
-    group_cols = ["model", "defense", "alpha", "dataset", "threat_model", "n_examples", "mode", "attacks"]
+    """Flag rows whose robust accuracy does not fall as eps grows (same model, defense and settings)."""
+    group_cols = ["model", "defense", *setting_columns(df.columns), "dataset", "threat_model", "n_examples", "mode",
+                  "attacks"]
     df = df.copy()
     df["_eps"] = df["eps"].map(_eps_value)
     for _, group in df.groupby(group_cols, dropna=False):
@@ -245,6 +258,12 @@ def _flag_eps_monotonicity(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns="_eps")
 
 
+def _drop_empty_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without the setting columns no row has a value for (a defense's setting shows only where it ran)."""
+    empty = [s for s in setting_columns(df.columns) if df[s].isna().all()]
+    return df.drop(columns=empty)
+
+
 def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (model, defense, settings); the newest result wins; ranked by worst case."""
     ordered = sorted(results, key=_written)  # stable: ties keep the path order
@@ -252,17 +271,19 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=LEAD_COLUMNS + TAIL_COLUMNS)
     df = pd.DataFrame(rows).drop_duplicates(subset="settings_id", keep="last")
+    df = _drop_empty_settings(df)
     df = _add_paired(df, ordered)  # df's index is the position in ``ordered``
     df = _flag_eps_monotonicity(df)
-    df = df.sort_values(["worst_case_acc", "clean_acc", "model", "defense", "alpha"],
-                        ascending=[False, False, True, True, True], na_position="last", kind="mergesort")
+    keys = ["worst_case_acc", "clean_acc", "model", "defense", *setting_columns(df.columns)]
+    df = df.sort_values(keys, ascending=[False, False] + [True] * (len(keys) - 2), na_position="last",
+                        kind="mergesort")
     df.insert(0, "rank", range(1, len(df) + 1))
     attacks = attack_names()
     attack_cols = sorted((c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "standard_acc",
                                                                                       "autoattack_acc",
                                                                                       "worst_case_acc")),
                          key=lambda c: (attacks.index(c[:-4]) if c[:-4] in attacks else len(attacks), c))
-    order = _with_extras(LEAD_COLUMNS + attack_cols + TAIL_COLUMNS, df.columns)
+    order = _with_extras(lead_columns(setting_columns(df.columns)) + attack_cols + TAIL_COLUMNS, df.columns)
     return df[[c for c in order if c in df.columns]].reset_index(drop=True)
 
 
@@ -315,6 +336,12 @@ def to_markdown(df: pd.DataFrame) -> str:
     return header + body + notes
 
 
+def _settings_text(row: pd.Series) -> str:
+    """`` (alpha=0.2)``: the row's defense settings that have a value, or ""."""
+    values = [f"{s}={row[s]}" for s in setting_columns(row.index) if not pd.isna(row[s])]
+    return f" ({', '.join(values)})" if values else ""
+
+
 def model_info(row: pd.Series) -> dict[str, Any]:
     """A RobustBench ``model_info`` JSON for one row (accuracies as percent strings).
 
@@ -330,7 +357,7 @@ def model_info(row: pd.Series) -> dict[str, Any]:
             + (f"no {', '.join(missing)}" if missing else "other budgets") + f"); attacks: {row['budgets']}")
     info: dict[str, Any] = {
         "link": "",
-        "name": f"{row['model']} + {row['defense']}" + (f" (alpha={row['alpha']})" if not pd.isna(row["alpha"]) else ""),
+        "name": f"{row['model']} + {row['defense']}" + _settings_text(row),
         "authors": "",
         "additional_data": False,
         "number_forward_passes": 1,
@@ -373,32 +400,21 @@ def write_result_table(result_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def _reproduce_note(results_root: str | Path) -> str:
+def reproduce_note(results_root: str | Path) -> str:
     """The text of ``<results_root>/REPRODUCE.md`` (how the results were made), or ""."""
     path = Path(results_root) / REPRODUCE_FILE
     return path.read_text().strip() if path.is_file() else ""
 
 
-def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:
-    """Rebuild ``leaderboard.csv``, ``leaderboard.md``, ``index.html``, ``leaderboard.tex``, ``model_info/`` and
-    plots from results. ``<results_root>/REPRODUCE.md``, if present (the commands that produced the
-    results), ends ``leaderboard.md``, so the tables rebuild byte-identically from their results."""
+def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool = True,
+                      writers: Iterable[str] | None = None) -> pd.DataFrame:
+    """Rebuild the leaderboard in ``out_dir`` from the results below ``results_root``: every registered output
+    format (:mod:`robustify.reporting.writers`; ``writers`` names some of them): ``leaderboard.csv``,
+    ``leaderboard.md``, ``model_info/``, ``plots/`` (unless ``plots`` is False), ``index.html``,
+    ``leaderboard.tex`` and the plugins' files. ``<results_root>/REPRODUCE.md``, if present (the commands
+    that produced the results), ends ``leaderboard.md``, so the tables rebuild byte-identically from their results."""
     out = Path(out_dir)
     df = build_table(collect(results_root))
-    with atomic_path(out / "leaderboard.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    note = _reproduce_note(results_root)
-    write_text(out / "leaderboard.md", "# robustify leaderboard\n\n" + to_markdown(df) + (f"\n{note}\n" if note else ""))
-    for _, row in df.iterrows():
-        write_json(out / "model_info" / str(row["dataset"]) / str(row["threat_model"]) / f"{row['settings_id']}.json",
-                   model_info(row))
-    plot_files: list[Path] = []
-    if plots and not df.empty:
-        from robustify.reporting.plots import plot_alpha_curves, plot_base_vs_defended
-
-        plot_files += plot_alpha_curves(df, out / "plots")
-        plot_files += plot_base_vs_defended(df, out / "plots")
-    write_page(df, out, plot_files)
-    write_latex(df, out)
-    logger.info("leaderboard with %d row(s) written to %s", len(df), out)
+    written = run_writers(df, out, WriteContext(results_root=Path(results_root), plots=plots), writers)
+    logger.info("leaderboard with %d row(s) written to %s (%s)", len(df), out, ", ".join(written))
     return df

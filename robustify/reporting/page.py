@@ -1,7 +1,7 @@
 """The leaderboard as a web page and a LaTeX table, from the leaderboard table alone.
 
 :func:`write_page` renders ``index.html`` with the Jinja2 template shipped in
-``robustify/templates``: one static file (inline CSS and script, plots embedded as base64
+``robustify/reporting/templates``: one static file (inline CSS and script, plots embedded as base64
 PNG, no network fetch), sortable columns, each row's settings and flags with what every flag
 means, and the rows of one model (base and defended) grouped. :func:`write_latex` writes a
 booktabs table of the ranked rows with pandas' Styler, ready to ``\\input`` in a paper.
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from robustify.core.io import write_text
+from robustify.reporting.settings import setting_columns
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def write_page(df: pd.DataFrame, out_dir: str | Path, plots: Sequence[str | Path
 
 
 def _latex_columns(df: pd.DataFrame) -> list[str]:
-    ident = [c for c in ("rank", "model", "defense", "alpha", "eps", "n_examples") if c in df.columns]
+    ident = [c for c in ("rank", "model", "defense", *setting_columns(df.columns), "eps", "n_examples")
+             if c in df.columns]
     # accuracy columns with at least one number (an all-empty column, e.g. autoattack_acc where no row earned it,
     # is left out whether it reads as None objects from the results or as NaN from the CSV)
     accs = [c for c in df.columns if c.endswith("_acc") and pd.to_numeric(df[c], errors="coerce").notna().any()]
@@ -169,8 +171,8 @@ def to_latex(df: pd.DataFrame) -> str:
     """A booktabs table (``\\toprule``/``\\midrule``/``\\bottomrule``) of the ranked rows, accuracies in percent."""
     cols = _latex_columns(df)
     view = df[cols].copy()
-    if "alpha" in view.columns:
-        view["alpha"] = view["alpha"].map(lambda a: "" if _missing(a) else f"{a:g}")
+    for setting in setting_columns(view.columns):
+        view[setting] = view[setting].map(lambda a: "" if _missing(a) else f"{a:g}")
     accs = [c for c in cols if c.endswith("_acc")]
     view[accs] = view[accs].apply(pd.to_numeric, errors="coerce")
     styler = (view.style.hide(axis="index")
