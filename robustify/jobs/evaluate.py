@@ -7,7 +7,6 @@ use them from Python for the same results. Every defense is reached through its 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from robustify.attacks import AttackConfig, not_applicable, threat_norm
 from robustify.core import distributed
 from robustify.core.config import SerializableConfig
 from robustify.core.errors import StateMismatchError, UserError
-from robustify.defenses.file import sidecar_path
+from robustify.defenses.file import read_sidecar, saved_defense
 from robustify.evaluation.engine import evaluate
 from robustify.evaluation.fast import PRECISIONS, for_evaluation
 from robustify.evaluation.results import EvalResult
@@ -127,12 +126,8 @@ def _defense_config(name: str, config: Any) -> Any:
 
 
 def _is_defense_file(path: str | None) -> bool:
-    if not path or not sidecar_path(path).is_file():
-        return False
-    try:
-        return str(json.loads(sidecar_path(path).read_text()).get("format", "")).startswith("robustify")
-    except (OSError, json.JSONDecodeError):
-        return False
+    """Whether ``path`` is a defense file (its sidecar names a defense), not a model checkpoint."""
+    return saved_defense(path) is not None
 
 
 #: calibration batch size of a calibrated defense without a ``calibration_batch_size`` hook
@@ -216,10 +211,8 @@ def _calibration_source(data: str, holdout: int, n_calib: int | None, batch_size
 def _check_cached(path: Path, job: EvaluationJob, defense: defenses.Defense) -> None:
     """Refuse a calibration cached in the results directory from other calibration data."""
     try:
-        saved = json.loads(sidecar_path(path).read_text())
-    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON
-        saved = None
-    if not isinstance(saved, dict):
+        saved = read_sidecar(path)
+    except (OSError, StateMismatchError):
         return  # the defense's loader reports the damaged file
     config = job.defense_config
     wanted = _calibration_source(job.data, job.holdout, job.n_calib,
