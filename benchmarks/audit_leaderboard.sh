@@ -27,7 +27,7 @@ done
 for f in runs/defenses/*.safetensors; do
   case "$f" in *.backbone.safetensors) continue ;; esac
   [ -f "$f.json" ] && [ -d "leaderboard/results/$(basename "$f" .safetensors)" ] || continue
-  kind=$(python -c "from robustify.jobs.train import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
+  kind=$(python -c "from robustify.defenses import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
   robustify audit "${MODEL[@]}" "${AUDIT_ARGS[@]}" --defense "$kind" --defense-weights "$f" --out "leaderboard/results/$(basename "$f" .safetensors)"
 done
 robustify leaderboard leaderboard/results --out leaderboard > /dev/null  # ends with leaderboard/results/REPRODUCE.md

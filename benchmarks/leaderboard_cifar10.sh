@@ -38,7 +38,7 @@ done
 for f in runs/defenses/*.safetensors; do
   case "$f" in *.backbone.safetensors) continue ;; esac
   [ -f "$f.json" ] || continue
-  kind=$(python -c "from robustify.jobs.train import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
+  kind=$(python -c "from robustify.defenses import defense_kind; import sys; print(defense_kind(sys.argv[1]))" "$f")
   robustify evaluate "${MODEL[@]}" --defense "$kind" --defense-weights "$f" \
     --out "$RUNS/results/$(basename "$f" .safetensors)" "${ATTACK_ARGS[@]}"
 done

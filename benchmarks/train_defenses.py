@@ -37,15 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import robustify  # noqa: E402
 from robustify.core.io import write_json, write_text  # noqa: E402
-from robustify.jobs.train import (  # noqa: E402
-    TrainConfig,
-    apply_defense,
-    defense_config,
-    defense_parameters,
-    evaluate_pgd,
-    save_defense,
-    train_defense,
-)
+from robustify.defenses import apply_defense, defense_config, defense_parameters, save_defense  # noqa: E402
+from robustify.jobs.train import TrainConfig, evaluate_pgd, train_defense  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train_defenses")
 
