@@ -55,6 +55,7 @@ from torch import nn
 from robustify.core.config import SerializableConfig
 from robustify.core.errors import InsertionError, StateMismatchError, UserError
 from robustify.defenses import Defense, DefenseOptions, record_config, register_defense
+from robustify.defenses.base import captured_inputs, toggled
 from robustify.defenses.activations.swaps import plan_swap
 from robustify.defenses.file import read_defense_file, write_defense_file
 from robustify.defenses.sites import Site, modularize, plan_sites, register_activation, set_submodule
@@ -214,15 +215,8 @@ def remove_kwta(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _toggled(model: nn.Module, attribute: str, value: Any) -> Iterator[nn.Module]:
-    modules = list(kwta_modules(model).values())
-    before = [getattr(m, attribute) for m in modules]
-    for m in modules:
-        setattr(m, attribute, value)
-    try:
+    with toggled(kwta_modules(model).values(), attribute, value):
         yield model
-    finally:
-        for m, old in zip(modules, before):
-            setattr(m, attribute, old)
 
 
 def straight_through(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
@@ -236,21 +230,9 @@ def kwta_disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Modu
     return _toggled(model, "enabled", False)
 
 
-@contextlib.contextmanager
-def capture_site_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+def capture_site_inputs(model: nn.Module) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
     """``{site: input}`` of every k-WTA module, recorded by the forwards in the block."""
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for site, module in kwta_modules(model).items():
-        def hook(mod: nn.Module, args: tuple[Any, ...], site: str = site) -> None:
-            captured[site] = args[0]
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+    return captured_inputs(kwta_modules(model))
 
 
 def losers(model: nn.Module, site: str, z: torch.Tensor) -> torch.Tensor:

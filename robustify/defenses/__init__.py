@@ -7,7 +7,7 @@ go). Each defense is a sub-package that registers itself: :mod:`.meansparse`, :m
 package imports none of them; ``import robustify`` does, and then the plugins' entry points.
 """
 
-from robustify.defenses.base import HOOKS, Defense, DefenseOptions
+from robustify.defenses.base import HOOKS, Defense, DefenseOptions, captured_inputs, toggled
 from robustify.defenses.registry import (
     CONFIG_ATTR,
     ENTRY_POINT_GROUP,
@@ -45,6 +45,7 @@ from robustify.defenses.registry import (
 
 __all__ = [
     "CONFIG_ATTR", "ENTRY_POINT_GROUP", "HOOKS", "Defense", "DefenseOptions", "applied_config", "applied_sites",
+    "captured_inputs", "toggled",
     "apply_defense", "backbone_path", "blocked", "calibrate", "defense_config", "defense_kind", "defense_names",
     "defense_parameters", "defenses_in", "disabled", "file_defense", "get_defense", "handler_for_config",
     "handlers", "load_defense", "load_defense_state", "load_plugins", "missing_hook", "plan_defense",

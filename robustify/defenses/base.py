@@ -29,7 +29,7 @@ model may hold several defenses: :mod:`robustify.defenses.registry` combines the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Defense", "DefenseOptions", "HOOKS"]
+__all__ = ["Defense", "DefenseOptions", "HOOKS", "captured_inputs", "toggled"]
 
 #: the optional hooks an attack or a stage may require, with what each one is (the ``n/a`` reasons name them)
 HOOKS: dict[str, str] = {
@@ -216,3 +216,40 @@ class Defense:
 def each(items: Iterable[Any]) -> list[Any]:
     """``items`` without repeats, in order (by identity)."""
     return list({id(i): i for i in items}.values())
+
+
+# ------------------------------------------------------------------------------------------
+# building blocks of hooks for defenses made of modules (modes as plain attributes, never saved)
+# ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def toggled(modules: Iterable[nn.Module], attribute: str, value: Any) -> Iterator[None]:
+    """Set ``attribute`` of every module to ``value`` inside the block; restore each one's own value on exit,
+    even on error. The ``straight_through``/``disabled``/``soft_backward`` hooks of a defense whose modules
+    switch modes by an attribute are this (MeanSparse's, Sparta's, the k-WTA plugin's)."""
+    modules = list(modules)
+    previous = [getattr(m, attribute) for m in modules]
+    for m in modules:
+        setattr(m, attribute, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, previous):
+            setattr(m, attribute, old)
+
+
+@contextlib.contextmanager
+def captured_inputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """``{site: input}`` of each module (by site), recorded by the forwards in the block: a ``site_inputs``
+    hook for a defense whose modules take the site's input."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for site, module in modules.items():
+        def hook(mod: nn.Module, args: tuple[Any, ...], site: str = site) -> None:
+            captured[site] = args[0]
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()

@@ -10,7 +10,8 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
   thresholding defense: of the BPDA / soft-BPDA ones) runs again on the examples still unbroken, with twice the iterations, twice the restarts
   (at least one more) and another seed; it must not break more than ``convergence_tolerance``
   of all examples.
-* **gradient census** (``masked-gradients``): per MeanSparse site, the share of units inside
+* **gradient census** (``masked-gradients``): per site of every defense with site inputs (its ``blocked``
+  hook: MeanSparse's band, a plugin's k-WTA losers), the share of units inside
   the zero-gradient band on clean and on adversarial inputs (APGD-CE, the evaluation's
   budget), and the mean input-gradient norm with and without BPDA; flagged when a site's
   share exceeds ``masked_share``.
@@ -172,7 +173,8 @@ def check_convergence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result
 
 
 def _band_shares(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Per MeanSparse site: the share of its input units inside the band ``|z - mean| < crop``."""
+    """Per defense site: the share of its input units whose gradient the defense blocks (its ``blocked`` hook;
+    MeanSparse: inside the band ``|z - mean| < crop``)."""
     with torch.no_grad(), site_inputs(model) as captured:
         model(x)
     return {site: float(blocked(model, site, z).float().mean()) for site, z in captured.items()}
@@ -266,7 +268,7 @@ def run_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalRe
               audit: AuditConfig | None = None, *, device: Any = "cpu") -> dict[str, Any]:
     """Run the four checks on an evaluated model; returns the ``audit`` entry of ``result.json``.
 
-    ``model`` must be the evaluated model (eager, not compiled: the census hooks MeanSparse
+    ``model`` must be the evaluated model (eager, not compiled: the census hooks the defense's
     modules), ``x``/``y`` the evaluated examples in order.
     """
     audit = audit or AuditConfig()

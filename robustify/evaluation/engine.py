@@ -139,14 +139,15 @@ def evaluate(
     """Attack ``model`` on ``(x, y)`` and return per-example and aggregate results.
 
     Args:
-        model: the model to evaluate (inputs in [0, 1]); MeanSparse modules, if any, must be
+        model: the model to evaluate (inputs in [0, 1]); a calibrated defense in it, if any, must be
             calibrated.
         x, y: test images (N, C, H, W) in [0, 1] and labels.
         config: attacks, threat model and budgets.
         out_dir: where to keep the journal and ``result.json`` (resumable); None keeps
             everything in memory.
         meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
-        source_model: the transfer attack's source (default: ``model`` with MeanSparse disabled).
+        source_model: the transfer attack's source (default: ``model`` with its defenses disabled, their
+            ``disabled`` hook).
         num_classes: to validate labels.
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
     """

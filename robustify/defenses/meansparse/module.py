@@ -42,6 +42,7 @@ from torch import nn
 from robustify.core.errors import UserError
 from robustify.core.errors import NotCalibratedError
 from robustify.core.stats import RunningMoments
+from robustify.defenses.base import captured_inputs, toggled
 
 __all__ = [
     "MeanSparse",
@@ -584,15 +585,8 @@ def set_alpha(model: nn.Module, alpha: float | Mapping[str, float]) -> None:
 
 @contextlib.contextmanager
 def _toggled(model: nn.Module, attribute: str, value: bool | float) -> Iterator[nn.Module]:
-    modules = list(meansparse_modules(model).values())
-    previous = [getattr(m, attribute) for m in modules]
-    for m in modules:
-        setattr(m, attribute, value)
-    try:
+    with toggled(meansparse_modules(model).values(), attribute, value):
         yield model
-    finally:
-        for m, old in zip(modules, previous):
-            setattr(m, attribute, old)
 
 
 def bpda(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
@@ -618,21 +612,9 @@ def defenses_disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.
     return _toggled(model, "enabled", False)
 
 
-@contextlib.contextmanager
-def capture_site_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+def capture_site_inputs(model: nn.Module) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
     """``{site: input}`` of every MeanSparse module, recorded by the forwards in the block."""
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for site, module in meansparse_modules(model).items():
-        def hook(mod: nn.Module, args: tuple[Any, ...], site: str = site) -> None:
-            captured[site] = args[0]
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+    return captured_inputs(meansparse_modules(model))
 
 
 def in_band(model: nn.Module, site: str, z: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ from torch import nn
 from robustify.core.errors import UserError
 from robustify.core.config import SerializableConfig
 from robustify.defenses.file import read_defense_file, write_defense_file
-from robustify.defenses.base import Defense, DefenseOptions
+from robustify.defenses.base import Defense, DefenseOptions, toggled
 from robustify.defenses.registry import record_config, register_defense
 from robustify.core.errors import InsertionError, StateMismatchError
 from robustify.defenses.sites import Site, modularize, plan_sites, register_activation, select_sites, set_submodule
@@ -502,15 +502,8 @@ def _save(model: nn.Module, path: str | Path, config: SpartaConfig, **kwargs: An
 @contextlib.contextmanager
 def sparta_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Every Sparta module returns its base activation alone inside the block: the base model."""
-    modules = list(sparta_modules(model).values())
-    before = [m.enabled for m in modules]
-    for m in modules:
-        m.enabled = False
-    try:
+    with toggled(sparta_modules(model).values(), "enabled", False):
         yield model
-    finally:
-        for m, flag in zip(modules, before):
-            m.enabled = flag
 
 
 SPARTA = register_defense(Defense(
