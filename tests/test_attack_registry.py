@@ -32,7 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 EPS = 2 / 255
 BUILT_IN = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "bpda-apgd-ce", "bpda-apgd-dlr", "bpda-apgd-t",
             "bpda-fab-t", "soft-bpda", "adaptive", "pgd", "transfer")
-FAMILIES = ("apgd", "fab", "square", "bpda", "soft_bpda", "mask_penalty", "transfer")
+#: each attack's file (the BPDA versions are made from their base attacks in one file; ``pgd`` is the
+#: mask-penalty attack with lambda 0, its control)
+HOMES = {"apgd-ce": "apgd_ce", "apgd-dlr": "apgd_dlr", "apgd-t": "apgd_t", "fab-t": "fab", "square": "square",
+         "soft-bpda": "soft_bpda", "adaptive": "mask_penalty", "pgd": "mask_penalty", "transfer": "transfer",
+         **{f"bpda-{a}": "bpda" for a in ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t")}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,9 +92,16 @@ def test_built_in_attacks_and_aliases_come_from_the_family_modules() -> None:
     assert aliases()["autoattack"] == ("apgd-ce", "apgd-t", "fab-t", "square") == autoattack_suite()
     assert aliases()["bpda"] == ("bpda-apgd-ce", "bpda-apgd-dlr")
     assert aliases()["bpda-autoattack"] == ("bpda-apgd-ce", "bpda-apgd-t", "bpda-fab-t", "square")
-    homes = {name: get_attack(name).build.__module__ for name in BUILT_IN}
-    assert set(homes.values()) == {f"robustify.attacks.{f}" for f in FAMILIES}
-    assert homes["bpda-fab-t"] == "robustify.attacks.bpda" and homes["pgd"] == "robustify.attacks.mask_penalty"
+    import re
+    from pathlib import Path
+
+    package = Path(attacks.__file__).parent
+    for name, home in HOMES.items():  # each attack registers in its own file, and only there
+        registering = [f.stem for f in package.glob("*.py") if f.stem != "base"
+                       and re.search(r"register_attack\(AttackSpec\(name=" + (r"PREFIX \+ _base" if home == "bpda"
+                                                                              else re.escape(f'"{name}"')), f.read_text())]
+        assert registering == [home], name
+    assert set(HOMES) == set(BUILT_IN)
 
 
 def test_kinds_are_one_set_everywhere() -> None:
@@ -262,8 +273,9 @@ def test_attack_modules_import_no_defense_and_no_other_family() -> None:
         imported = _imports(path)
         for defense in ("meansparse", "sparta", "activations"):
             assert not any(f"robustify.defenses.{defense}" in m for m in imported), (path.name, defense)
-        if path.stem in FAMILIES:
-            others = {f"robustify.attacks.{f}" for f in FAMILIES} - {f"robustify.attacks.{path.stem}"}
+        files = set(HOMES.values())
+        if path.stem in files:
+            others = {f"robustify.attacks.{f}" for f in files} - {f"robustify.attacks.{path.stem}"}
             assert not imported & others, path.name
 
 

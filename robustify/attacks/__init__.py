@@ -5,13 +5,13 @@ given its seed (each batch reseeds, as AutoAttack does), so a batch can be re-ru
 interruption with the same result. The evaluation engine (:mod:`robustify.evaluation.engine`)
 decides which examples each attack sees and records who broke what.
 
-Each attack family is a module that registers its attacks (:func:`register_attack`, an
+Each attack is a module that registers it (:func:`register_attack`, an
 :class:`AttackSpec`: name, kind, norms, budget, the defense hook it requires, its factory), and every
 list of attacks (names, aliases, kinds, run order, budgets, ``n/a`` reasons) is a query of the registry
 (:mod:`~robustify.attacks.base`):
 
-* :mod:`~robustify.attacks.apgd`, :mod:`~robustify.attacks.fab`, :mod:`~robustify.attacks.square`: the
-  standard attacks, pyautoattack's own objects configured as ``AutoAttack`` configures them
+* :mod:`~robustify.attacks.apgd_ce`, :mod:`~robustify.attacks.apgd_dlr`, :mod:`~robustify.attacks.apgd_t`,
+  :mod:`~robustify.attacks.fab`, :mod:`~robustify.attacks.square`: the standard attacks, pyautoattack's own objects configured as ``AutoAttack`` configures them
   (:mod:`~robustify.attacks.autoattack`): ``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab-t``, ``square``;
   ``autoattack`` expands to the standard version's sequence ``apgd-ce, apgd-t, fab-t, square``.
 * :mod:`~robustify.attacks.bpda`: the same attacks with every defense's backward replaced by the
@@ -41,7 +41,7 @@ from robustify.attacks.config import (DEFAULT_EPS, AttackConfig, autoattack_budg
                                       threat_norm)
 from robustify.attacks.autoattack import PyAutoAttack, _set_apgd_iters, make_autoattack
 # the built-in attack families register themselves, in this order (the registration order; see run_order)
-from robustify.attacks import apgd, fab, square, bpda, soft_bpda, mask_penalty, transfer  # noqa: F401
+from robustify.attacks import apgd_ce, apgd_dlr, apgd_t, fab, square, bpda, soft_bpda, mask_penalty, transfer  # noqa: F401
 from robustify.attacks.mask_penalty import MaskPenaltyPGD
 from robustify.attacks.pgd import evaluate_pgd, pgd  # the function: binds ``robustify.attacks.pgd`` (not the module)
 from robustify.attacks.soft_bpda import SOFT_BPDA_TEMPERATURES, SoftBPDA

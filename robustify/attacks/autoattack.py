@@ -1,9 +1,10 @@
 """pyautoattack glue: an ``AutoAttack`` with a config's budgets, and :class:`PyAutoAttack`, one of its attacks.
 
-The attack families built on pyautoattack (:mod:`~robustify.attacks.apgd`, :mod:`~robustify.attacks.fab`,
-:mod:`~robustify.attacks.square`, and their straight-through versions in :mod:`~robustify.attacks.bpda`)
-each give :class:`PyAutoAttack` the function that runs their attack object, exactly as
-``AutoAttack.run_standard_evaluation`` calls it.
+The attacks built on pyautoattack (:mod:`~robustify.attacks.apgd_ce`, :mod:`~robustify.attacks.apgd_dlr`,
+:mod:`~robustify.attacks.apgd_t`, :mod:`~robustify.attacks.fab`, :mod:`~robustify.attacks.square`, and their
+straight-through versions in :mod:`~robustify.attacks.bpda`) each give :class:`PyAutoAttack` the function that
+runs their attack object, exactly as ``AutoAttack.run_standard_evaluation`` calls it; the APGD ones share
+:func:`untargeted_apgd`, :func:`pyautoattack_factory` and the budgets here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from robustify.attacks.base import Attack, autoattack_suite, register_alias
 if TYPE_CHECKING:
     from robustify.attacks.config import AttackConfig
 
-__all__ = ["PyAutoAttack", "RunAttack", "make_autoattack"]
+__all__ = ["PyAutoAttack", "RunAttack", "apgd_budget", "make_autoattack", "pyautoattack_factory", "untargeted_apgd"]
 
 #: runs one of a pyautoattack ``AutoAttack``'s attack objects on a batch: ``run(aa, x, y) -> x_adv``
 RunAttack = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,3 +72,26 @@ def shared_autoattack(model: Callable[[torch.Tensor], torch.Tensor], config: Att
 
 
 register_alias("autoattack", autoattack_suite)  # AutoAttack's standard version: its suite, in its order
+
+
+def untargeted_apgd(loss: str) -> RunAttack:
+    """Run ``AutoAttack.apgd`` with ``loss`` (``"ce"`` or ``"dlr"``), reseeded as AutoAttack reseeds it."""
+    def run(aa: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        aa.apgd.loss = loss
+        aa.apgd.seed = aa.get_seed()
+        return aa.apgd.perturb(x, y)
+
+    return run
+
+
+def apgd_budget(config: AttackConfig) -> dict[str, Any]:
+    """The budget of the untargeted APGD attacks (and their BPDA versions and the transfer attack)."""
+    return {"iters": config.apgd_iters, "restarts": config.apgd_restarts}
+
+
+def pyautoattack_factory(name: str, run: RunAttack) -> Any:
+    """An attack factory (:attr:`~robustify.attacks.base.AttackSpec.build`) for one of pyautoattack's attacks."""
+    def build(model: Any, config: AttackConfig, device: Any, source_model: Any, autoattack: Any) -> Attack:
+        return PyAutoAttack(name, shared_autoattack(model, config, device, autoattack), run)
+
+    return build

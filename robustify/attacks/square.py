@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from robustify.attacks.autoattack import PyAutoAttack, shared_autoattack
-from robustify.attacks.base import Attack, AttackSpec, register_attack
+from robustify.attacks.autoattack import pyautoattack_factory
+from robustify.attacks.base import AttackSpec, register_attack
 
 if TYPE_CHECKING:
     from robustify.attacks.config import AttackConfig
@@ -22,14 +21,9 @@ def _run(aa: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return aa.square.perturb(x, y)
 
 
-def _build(model: nn.Module, config: AttackConfig, device: Any, source_model: nn.Module | None,
-           autoattack: Any) -> Attack:
-    return PyAutoAttack("square", shared_autoattack(model, config, device, autoattack), _run)
-
-
 def _budget(config: AttackConfig) -> dict[str, Any]:
     return {"queries": config.square_queries}
 
 
-register_attack(AttackSpec(name="square", kind="black-box", build=_build, budget=_budget,
+register_attack(AttackSpec(name="square", kind="black-box", build=pyautoattack_factory("square", _run), budget=_budget,
                            budget_fields=("square_queries",), standard=True, autoattack=True))
