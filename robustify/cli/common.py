@@ -92,9 +92,7 @@ def defense_config_from_args(args: argparse.Namespace, name: str) -> Any:
     defense = defenses.get_defense(name)
     flags = defense_flags(defense)
     values = flags.values(args) if flags is not None else {}
-    defaults = defense.options.defaults if defense.options is not None else None
-    base = {} if defaults is None else {f: getattr(defaults, f) for f in flags.fields}  # type: ignore[union-attr]
-    return defense.config(name, **{**base, **{k: v for k, v in values.items() if v is not None}})
+    return defense.default_config(name, **{k: v for k, v in values.items() if v is not None})
 
 
 def load_model_from_args(args: argparse.Namespace, spec: str | None = None,

@@ -194,6 +194,18 @@ class Defense:
             return self.make_config(name or self.name, **options)
         return self.config_type(**options)
 
+    def default_options(self) -> dict[str, Any]:
+        """The option fields' defaults: the values of :attr:`DefenseOptions.defaults` (empty: the config's own)."""
+        o = self.options
+        if o is None or o.defaults is None:
+            return {}
+        return {f: getattr(o.defaults, f) for f in o.fields}
+
+    def default_config(self, name: str | None = None, **options: Any) -> Any:
+        """The config of defense ``name`` with its registered option defaults, then ``options`` (the one place a
+        defense's defaults come from: the jobs and every command's flags)."""
+        return self.config(name, **{**self.default_options(), **options})
+
     def config_name(self, config: Any) -> str:
         """The name ``config`` is registered under (the inverse of :meth:`config`)."""
         return self.name_of(config) if self.name_of is not None else self.name

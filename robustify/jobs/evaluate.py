@@ -116,8 +116,7 @@ def _defense_config(name: str, config: Any) -> Any:
         return None  # no defense, no settings (``replace(job, defense="none")`` drops them)
     defense = defenses.get_defense(name)
     if config is None:
-        defaults = defense.options.defaults if defense.options is not None else None
-        return defaults if defaults is not None and defense.config_name(defaults) == name else defense.config(name)
+        return defense.default_config(name)
     if isinstance(config, dict):
         config = defense.config_type.from_dict(config)
     if not isinstance(config, defense.config_type):
