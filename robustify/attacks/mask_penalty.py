@@ -47,7 +47,7 @@ class MaskPenaltyPGD(Attack):
         with torch.no_grad(), site_inputs(self.model) as captured:
             self.model(x)
         # in z's dtype, as the forward's (autocast too)
-        return {site: (z.detach(), blocked(self.model, site, z)) for site, z in captured.items()}
+        return {site: (captured[site].detach(), mask) for site, mask in blocked(self.model, captured).items()}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)

@@ -181,12 +181,14 @@ def site_inputs(model: nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
         yield ChainMap(*[stack.enter_context(h.site_inputs(model)) for h in with_hook(model, "site_inputs")])
 
 
-def blocked(model: nn.Module, site: str, z: torch.Tensor) -> torch.Tensor:
-    """The units of ``z``, the input of ``site``, whose gradient the defense at ``site`` blocks."""
-    for h in with_hook(model, "site_inputs"):
-        if site in h.modules(model):
-            return h.blocked(model, site, z)  # type: ignore[misc]
-    raise KeyError(f"no defense with site inputs has a site {site!r}")
+def blocked(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{site: units of its input whose gradient the defense at that site blocks}`` for the ``inputs`` captured
+    by :func:`site_inputs` (each site's owner found once)."""
+    owners = {site: h for h in with_hook(model, "site_inputs") for site in h.modules(model)}
+    missing = sorted(set(inputs) - set(owners))
+    if missing:
+        raise KeyError(f"no defense with site inputs has site(s) {missing}")
+    return {site: owners[site].blocked(model, site, z) for site, z in inputs.items()}  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def _band_shares(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     MeanSparse: inside the band ``|z - mean| < crop``)."""
     with torch.no_grad(), site_inputs(model) as captured:
         model(x)
-    return {site: float(blocked(model, site, z).float().mean()) for site, z in captured.items()}
+    return {site: float(mask.float().mean()) for site, mask in blocked(model, captured).items()}
 
 
 def _grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
