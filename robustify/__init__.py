@@ -7,8 +7,9 @@ driven end to end by :mod:`robustify.jobs` and the command line :mod:`robustify.
 
 This module is the public API. Importing it registers the built-in defenses, attacks, datasets and
 output formats, then every plugin declared by an installed package's entry points
-(:mod:`robustify.core.plugins`). Names of the first flat layout still resolve, with a
-``DeprecationWarning`` naming their new home (:data:`_DEPRECATED`), for one release.
+(:mod:`robustify.core.plugins`). Names and module paths of the first flat layout still resolve, with a
+``DeprecationWarning`` naming their new home (:data:`_DEPRECATED`, :data:`robustify._deprecated.MOVED`), for one
+release.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 import warnings
 from typing import Any
 
+from robustify import _deprecated
 from robustify._version import __version__
 from robustify.core import compat as _compat
 from robustify.core.config import parse_eps
@@ -44,6 +46,7 @@ from robustify.jobs.train import TrainConfig, train_defense
 from robustify.core.plugins import load_plugins as _load_plugins
 
 _compat.install_autoattack_alias()  # RobustBench's `import autoattack` works once robustify is imported
+_deprecated.install()  # the first layout's module paths (robustify.meansparse, robustify.pipeline, ...)
 _load_plugins()
 
 __all__ = [

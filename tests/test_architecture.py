@@ -59,11 +59,12 @@ def test_a_deliberate_violation_breaks_its_contract(tmp_path, lint_available, mo
 
 def test_generic_code_names_no_defense_but_in_documentation() -> None:
     """Outside the MeanSparse package, the code that mentions MeanSparse is its registration in the public API
-    (import + deprecated aliases), documentation and the legacy table: no generic module branches on it."""
+    (import + deprecated names in ``__init__``, old module paths in ``_deprecated``), documentation and the legacy
+    table: no generic module branches on it."""
     package = REPO / "robustify"
     code_hits = []
     for path in package.rglob("*.py"):
-        if "defenses/meansparse" in path.as_posix() or path == package / "__init__.py":
+        if "defenses/meansparse" in path.as_posix() or path in (package / "__init__.py", package / "_deprecated.py"):
             continue
         for number, text in enumerate(path.read_text().splitlines(), 1):
             stripped = text.strip()
@@ -85,6 +86,23 @@ def test_deprecated_public_names_warn_and_resolve_to_their_new_homes() -> None:
         assert any(issubclass(w.category, DeprecationWarning) for w in caught), name
     with pytest.raises(AttributeError):
         rb.no_such_name  # noqa: B018
+
+
+def test_old_module_paths_warn_and_are_the_new_modules() -> None:
+    """The flat layout's module paths still import (one release), as the very module objects of their new homes,
+    so ``from robustify.pipeline import EvaluationJob`` and ``mock.patch("robustify.state.X")`` keep working."""
+    import importlib
+
+    from robustify._deprecated import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=re.escape(f"{old} is deprecated") + ".*" + re.escape(new)):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+    assert callable(rb.evaluate) and callable(rb.calibrate)  # the functions, never rebound by an old import
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("robustify.no_such_module")
 
 
 def test_built_in_defenses_register_in_a_fixed_order_and_plugins_by_entry_point() -> None:

@@ -11,7 +11,7 @@ from robustify.cli.common import (DATA_FLAGS, add_defense_args, add_model_args, 
                                   load_model_from_args, register_command)
 from robustify.cli.flags import ConfigFlags
 from robustify.core import distributed
-from robustify.defenses import defense_names, get_defense, plan_defense
+from robustify.defenses import defense_names, plan_defense
 from robustify.jobs.evaluate import EvaluationJob, calibrate_defense
 
 logger = logging.getLogger("robustify")
@@ -20,10 +20,6 @@ __all__: list[str] = []
 
 #: calibrate's ``--batch-size`` is the job's calibration batch size
 CALIB_BATCH_FLAGS = ConfigFlags(EvaluationJob, ("calib_batch_size",), names={"calib_batch_size": "batch-size"})
-
-
-def _calibrated_names() -> tuple[str, ...]:
-    return tuple(n for n in defense_names() if get_defense(n).calibrate is not None)
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +49,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    names = _calibrated_names()
+    names = defense_names(hook="calibrate")
     p.add_argument("--defense", default=names[0] if names else None, choices=names,
                    help="the calibrated defense to insert (default: %(default)s)")
     add_defense_args(p)

@@ -16,7 +16,7 @@ from typing import Any
 from robustify import defenses
 from robustify.load.models import ModelInfo, load_model
 from robustify.jobs.evaluate import EvaluationJob
-from robustify.cli.flags import ConfigFlags, field_default
+from robustify.cli.flags import ConfigFlags
 
 __all__ = ["COMMANDS", "register_command"]
 

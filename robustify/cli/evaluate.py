@@ -63,7 +63,7 @@ RUN_FLAGS = {"job": ConfigFlags(EvaluationJob, ("model", "data", "n_examples", "
 def _default_defense(hook: str) -> str | None:
     """The first registered defense offering ``hook`` (``setting``: a sweepable one): the default of ``sweep``
     and ``run`` (registration order puts the built-in ones first)."""
-    return next((n for n in defenses.defense_names() if getattr(defenses.get_defense(n), hook) is not None), None)
+    return next(iter(defenses.defense_names(hook=hook)), None)
 
 
 SWEEP_DEFAULTS["defense"] = _default_defense("setting")

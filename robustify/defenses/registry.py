@@ -97,9 +97,11 @@ def load_plugins() -> list[str]:
     return load_entry_points(ENTRY_POINT_GROUP)
 
 
-def defense_names(*, trainable: bool | None = None) -> tuple[str, ...]:
-    """The registered names in registration order (only the (non-)trainable ones if given)."""
-    return tuple(n for n, h in _HANDLERS.items() if trainable is None or h.trainable == trainable)
+def defense_names(*, trainable: bool | None = None, hook: str | None = None) -> tuple[str, ...]:
+    """The registered names in registration order (only the (non-)trainable ones, or those offering ``hook``,
+    if given)."""
+    return tuple(n for n, h in _HANDLERS.items()
+                 if (trainable is None or h.trainable == trainable) and (hook is None or h.has(hook)))
 
 
 def handlers(*, trainable: bool | None = None) -> tuple[Defense, ...]:
