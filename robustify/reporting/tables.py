@@ -167,7 +167,8 @@ def markdown_tables(df: pd.DataFrame) -> str:
     text += ("\nAccuracies in percent, `[lo, hi]` its 95% interval; ranked by `worst_case_acc`, the share of examples "
              "no attack broke. The per-attack accuracies, the paired test, the audit figures and the costs follow "
              "in the tables below; `leaderboard.csv` has every column (every interval, the attacks, budgets, "
-             "versions and result paths), `index.html` all of them behind its *every column* toggle.\n")
+             "versions and result paths), `index.html` shows them behind its *every column* toggle and each row's "
+             "*settings*.\n")
     width = MAX_MARKDOWN_COLUMNS - len(KEY)
     for title, cols in ((PER_ATTACK, attack_cols), (OTHERS, other_cols)):
         for part in _chunks(cols, width):
