@@ -48,7 +48,7 @@ def test_leaderboard_writes_self_contained_page(built):
             assert f">{column}</th>" not in html and column[:-5] + "_acc" in csv.columns
         elif column not in ("attacks", "budgets", "not_applicable", "settings_id", "result") and "version" not in column:
             assert f">{column}</th>" in html
-    assert ">20.0 [14.7, 26.2]</td>" in html  # the base row's worst case and its interval, in one cell
+    assert ">20.0 [14.6, 26.3]</td>" in html  # the base row's worst case and its interval (rounded outward), in one cell
     assert "bpda-beats-standard" in html and str(escape(FLAG_EXPLANATIONS["bpda-beats-standard"])) in html
     assert "not applicable: the source would be the model itself" in html  # n/a cells say why
 
@@ -58,7 +58,7 @@ def test_page_renders_new_columns_and_groups_base_first():
     df["worst_case_ci95"] = "[15.04, 26.01]"
     df["new_score"] = 1.5
     html = render_page(df)
-    assert ">worst_case_ci95</th>" not in html and "[15.0, 26.0]</td>" in html  # an interval joins its accuracy
+    assert ">worst_case_ci95</th>" not in html and "[15.0, 26.1]</td>" in html  # an interval joins its accuracy (outward)
     assert re.search(r'<th scope="col" class="more"[^>]*>new_score</th>', html)  # a new column: behind the toggle
     rows = re.findall(r'<tr class="row ([^"]*)"', html)
     assert "base" in rows[0].split() and "group-start" in rows[0].split()  # the base row opens its group
@@ -101,7 +101,7 @@ def test_markdown_tables_lead_with_what_a_reader_compares(built):
     csv = pd.read_csv(built / "leaderboard.csv")
     shown = {c.strip() for h in headers for c in h.strip("|").split("|")}
     assert {c for c in csv.columns if c.endswith("_acc")} <= shown  # every accuracy is in some table
-    assert "| 2 | aa-resnet18 | none |  | 73.0 [66.3, 79.0] | 20.0 [14.7, 26.2] |" in md
+    assert "| 2 | aa-resnet18 | none |  | 73.0 [66.2, 79.1] | 20.0 [14.6, 26.3] |" in md
     assert "leaderboard.csv` has every column" in md  # said under the table
 
 

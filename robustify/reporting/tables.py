@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -87,15 +87,21 @@ def _number(value: float) -> str:
     return text[:-1] if text.endswith("0") else text
 
 
+def _round_outward(value: float, direction: Callable[[float], int]) -> float:
+    """``value`` to 0.1 in ``direction`` (math.floor or math.ceil); 14.7 stays 14.7 (no float noise)."""
+    return direction(round(value * 10, 6)) / 10
+
+
 def acc_cell(value: Any, interval: Any = None) -> str:
-    """An accuracy and its interval in one cell, ``20.0 [14.7, 26.2]`` (the interval rounded to 0.1);
-    ``""`` for a missing accuracy, the accuracy alone without an interval."""
+    """An accuracy and its interval in one cell, ``20.0 [14.7, 26.2]`` (the interval rounded outward to
+    0.1, so the shown interval always contains the exact one of the CSV); ``""`` for a missing accuracy,
+    the accuracy alone without an interval."""
     if _missing(value):
         return ""
     text = _number(float(value))
     if isinstance(interval, str) and interval.startswith("["):
         lo, hi = (float(v) for v in interval.strip("[]").split(","))
-        text += f" [{lo:.1f}, {hi:.1f}]"
+        text += f" [{_round_outward(lo, math.floor):.1f}, {_round_outward(hi, math.ceil):.1f}]"
     return text
 
 
