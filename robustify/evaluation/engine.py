@@ -175,7 +175,8 @@ def evaluate(
         raise DataError("there are no examples to evaluate")
     validate_batch(x, y, num_classes, input_size=input_size)
     model.eval()
-    config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
+    with _parameters_frozen(model):
+        config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {
