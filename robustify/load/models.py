@@ -233,7 +233,8 @@ def _timm_pretrained_classes(name: str) -> int | None:
 
 def _timm(name: str, pretrained: bool, num_classes: int | None, *, dataset: str, image_size: int | None = None,
           new_head: bool = False) -> tuple[nn.Module, tuple[int, int, int], bool]:
-    """timm model ``name`` behind its normalisation, its input size and whether its head was re-initialised.
+    """timm model ``name`` behind its normalisation, its pretrained input size and whether its head was
+    re-initialised.
 
     ``image_size``: build it for square images of that side (timm's ``img_size`` for the models taking one, such
     as ViTs; a convolutional model takes any size as it is). Pretrained weights for another number of classes
@@ -263,8 +264,6 @@ def _timm(name: str, pretrained: bool, num_classes: int | None, *, dataset: str,
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
-    if image_size is not None:
-        input_size = (input_size[0], image_size, image_size)
     if reinit:
         logger.warning("timm:%s: pretrained weights with a new, randomly initialised %d-class head (new_head)", name,
                        num_classes)
@@ -277,8 +276,6 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict[str, Any], image_size
 
     if image_size is None:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    if image_size < 1:
-        raise ModelLoadError(f"image_size must be a positive number of pixels, got {image_size}")
     try:
         return timm.create_model(name, pretrained=pretrained, img_size=image_size, **kwargs)
     except TypeError as exc:  # a model of any input size (a CNN): its constructor has no img_size
@@ -361,6 +358,8 @@ def load_model(
         raise ModelLoadError(f"unknown dataset {dataset!r}; choose from {sorted(DATASET_INPUT)}")
     if threat_model not in THREAT_MODELS:
         raise ModelLoadError(f"unknown threat model {threat_model!r}; choose from {list(THREAT_MODELS)}")
+    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
+        raise ModelLoadError(f"image_size must be a positive number of pixels, got {image_size!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     input_size = facts.input_size
     num_classes = facts.classes
