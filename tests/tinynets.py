@@ -63,3 +63,33 @@ def write_labelled_npz(path: str, n_train: int = 96, n_test: int = 40) -> None:
     with torch.no_grad():
         y_train, y_test = (model(torch.from_numpy(x).float() / 255).argmax(1).numpy() for x in (x_train, x_test))
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+class TinyPooledCNN(nn.Module):
+    """Conv-BN-ReLU (module), Conv-BN-F.relu (functional), global mean, linear head: any image size, ``classes``
+    logits."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_cnn5() -> nn.Module:
+    """:class:`TinyPooledCNN` with 5 classes, seed 0, non-trivial BN statistics."""
+    torch.manual_seed(0)
+    model = TinyPooledCNN(5)
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()

@@ -7,7 +7,8 @@ import logging
 import math
 import re
 import textwrap
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from torch import nn
@@ -20,15 +21,39 @@ from robustify.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "default_eps", "threat_norm"]
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "default_attacks",
+           "default_eps", "threat_norm"]
 
 #: RobustBench's eps per (dataset, threat model): a live view of the dataset registry (each dataset's registration)
 DEFAULT_EPS = EPS
+#: the attacks of an :class:`AttackConfig` given none (less those that do not support its norm: :func:`default_attacks`)
+DEFAULT_ATTACKS = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
 
 
 def threat_norm(threat_model: str) -> str:
-    """The norm attacks use for a RobustBench threat model (``corruptions``: Linf)."""
-    return threat_model if threat_model in THREAT_NORMS else "Linf"
+    """The norm attacks use for a RobustBench threat model (``Linf``, ``L2``; ``L1`` too). ``corruptions`` is
+    none: a one-line error (RobustBench evaluates it on corrupted images, not with attacks)."""
+    if threat_model in THREAT_NORMS:
+        return threat_model
+    if threat_model == "corruptions":
+        raise UserError("corruptions is not an Lp threat model: RobustBench evaluates it on common corruptions "
+                        "(CIFAR-10-C, ImageNet-C), not with attacks, and robustify does not run that evaluation; to "
+                        "attack a corruptions model in an Lp ball, give the norm (--norm Linf, L2 or L1)")
+    raise UserError(f"unknown threat model {threat_model!r}; choose from {[*THREAT_NORMS, 'corruptions']}")
+
+
+def default_attacks(norm: str, names: Iterable[str] | str = DEFAULT_ATTACKS) -> tuple[str, ...]:
+    """The attacks of ``names`` (aliases expanded, in the run order) whose registration supports ``norm``
+    (:attr:`~robustify.attacks.base.AttackSpec.norms`): the defaults under ``norm`` (an attack named by the
+    user that does not support it stays an error)."""
+    expanded = expand_attacks(names)
+    keep = tuple(a for a in expanded if norm in get_attack(a).norms)
+    left_out = [a for a in expanded if a not in keep]
+    if left_out:
+        logger.info("default attacks without a %s version left out: %s", norm, ", ".join(left_out))
+    if not keep:
+        raise UserError(f"none of the attacks {list(expanded)} supports the {norm} threat model")
+    return keep
 
 
 def default_eps(dataset: str, norm: str) -> float:
@@ -53,7 +78,8 @@ def autoattack_budgets(norm: str) -> dict[str, int]:
 class AttackConfig(SerializableConfig):
     """Threat model, attack list and budgets. Defaults are the published ones.
 
-    ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
+    ``attacks`` None is :data:`DEFAULT_ATTACKS` less the attacks without a version for ``norm``
+    (:func:`default_attacks`: under L1, no ``adaptive``). ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
     Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255). Attacks run in one order
     (:func:`~robustify.attacks.base.run_order`) whatever order they are listed in. Each attack's
     budget is its registered :attr:`~robustify.attacks.base.AttackSpec.budget` (:meth:`budget_for`).
@@ -90,7 +116,7 @@ class AttackConfig(SerializableConfig):
     """
 
     VERSION: ClassVar[int] = 1
-    attacks: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
+    attacks: tuple[str, ...] | None = None
     norm: str = "Linf"
     dataset: str = "cifar10"
     eps: float | str | None = None
@@ -119,7 +145,8 @@ class AttackConfig(SerializableConfig):
         for name in ("apgd_restarts", "apgd_t_targets"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, autoattack_budgets(self.norm)[name])
-        object.__setattr__(self, "attacks", expand_attacks(self.attacks))
+        object.__setattr__(self, "attacks", expand_attacks(self.attacks) if self.attacks is not None
+                           else default_attacks(self.norm))
         for attack in self.attacks:
             if self.norm not in get_attack(attack).norms:
                 raise UserError(f"attack {attack!r} does not support the {self.norm} threat model")
@@ -135,6 +162,17 @@ class AttackConfig(SerializableConfig):
         """The budget settings that affect ``attack`` (recorded in results): its registered
         :attr:`~robustify.attacks.base.AttackSpec.budget`."""
         return get_attack(attack).budget(self)
+
+    def for_classes(self, classes: int) -> AttackConfig:
+        """This config for a model with ``classes`` classes: the targeted attacks' target counts
+        (``apgd_t_targets``, ``fab_targets``) capped at ``classes - 1``, the other classes there are, so that
+        the budgets recorded are the ones run."""
+        cap = max(classes - 1, 1)
+        capped = {name: cap for name in ("apgd_t_targets", "fab_targets") if getattr(self, name) > cap}
+        if not capped:
+            return self
+        logger.info("%d classes: %s capped at %d", classes, ", ".join(capped), cap)
+        return replace(self, **capped)
 
 
 def autoattack_gaps(config: AttackConfig) -> list[str]:
@@ -156,7 +194,8 @@ def _attacks_help() -> str:
     names = ", ".join(attack_names())
     alias = ", ".join(f"{name} ({' + '.join(members)})" for name, members in aliases().items())
     return (f"the attacks (comma-separated on the command line), from the attack registry: {names}"
-            + (f"; or an alias: {alias}" if alias else "") + ".")
+            + (f"; or an alias: {alias}" if alias else "")
+            + f" (None: {', '.join(DEFAULT_ATTACKS)}, less those without a version for the norm).")
 
 
 def document_attacks() -> None:

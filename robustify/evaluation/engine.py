@@ -38,7 +38,7 @@ from robustify.attacks import AttackConfig, build_attack, make_autoattack
 from robustify.core.config import format_eps
 from robustify.evaluation.cost import PassCounter, summarise
 from robustify.load.data import validate_batch
-from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError
+from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError, UserError
 from robustify.core.io import write_json
 from robustify.evaluation.journal import JOURNAL_FILE, LOCK_FILE, Journal, data_fingerprint, locked
 from robustify.core.memory import split_on_oom
@@ -103,6 +103,22 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).argmax(1)
 
 
+def _logit_width(model: nn.Module, x: torch.Tensor, num_classes: int | None) -> int:
+    """The model's number of classes, from one forward of the batch ``x``; checked against ``num_classes``
+    (the dataset's) when given, before anything is attacked."""
+    with torch.no_grad():
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"the model must return logits of shape (N, classes); for {x.shape[0]} image(s) it returned "
+                        f"{shape}")
+    width = int(logits.shape[1])
+    if num_classes is not None and width != num_classes:
+        raise UserError(f"the model has {width} logits but num_classes is {num_classes} (the dataset's classes): "
+                        "evaluate it with its own dataset")
+    return width
+
+
 def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig, attack: str) -> None:
     d = (x_adv - x).flatten(1)
     size = {"Linf": d.abs().amax(1), "L2": d.norm(dim=1), "L1": d.abs().sum(1)}[config.norm]
@@ -148,7 +164,9 @@ def evaluate(
         meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
         source_model: the transfer attack's source (default: ``model`` with its defenses disabled, their
             ``disabled`` hook).
-        num_classes: to validate labels.
+        num_classes: the dataset's classes: the model's logits must have as many, and labels must be below.
+            The targeted attacks' target counts are capped at the model's classes - 1 (as recorded in the
+            result's config).
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
     """
     config = config or AttackConfig()
@@ -156,6 +174,9 @@ def evaluate(
     if x.shape[0] == 0:
         raise DataError("there are no examples to evaluate")
     validate_batch(x, y, num_classes, input_size=input_size)
+    model.eval()
+    with _parameters_frozen(model):
+        config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {
@@ -164,7 +185,6 @@ def evaluate(
         "n_examples": n,
         "data_fingerprint": data_fingerprint(x, y),
     }
-    model.eval()
     logger.info("attacking %d example(s) at %s eps %s with %s", n, config.norm, format_eps(config.eps, config.norm),
                 ", ".join(config.attacks))
     main = distributed.is_main()
