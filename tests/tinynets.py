@@ -93,3 +93,25 @@ def tiny_cnn5() -> nn.Module:
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+class StochasticJitter(nn.Module):
+    """A random input transformation with stochastic gradients: ``x + (c/k) * n * sin(k x)``, ``n ~ N(0, 1)``
+    drawn per forward from torch's global generator (so seeded runs repeat).
+
+    Its value moves each pixel by at most ``c/k * |n|`` (0.004 |n|): predictions barely change. Its Jacobian
+    ``1 + c n cos(k x)`` has a random sign per pixel, so one forward's gradient is mostly noise, while the
+    average over forwards is the wrapped model's own (E[n] = 0): what expectation over transformation (EoT)
+    recovers and a single-sample attack does not."""
+
+    def __init__(self, c: float = 4.0, k: float = 1000.0) -> None:
+        super().__init__()
+        self.c, self.k = c, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.c / self.k) * torch.randn_like(x) * torch.sin(self.k * x)
+
+
+def random_tiny_cnn() -> nn.Module:
+    """:func:`tiny_cnn` behind :class:`StochasticJitter`: a model whose forward is random."""
+    return nn.Sequential(StochasticJitter(), tiny_cnn()).eval()

@@ -21,8 +21,8 @@ from robustify.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ATTACKS", "DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "default_attacks",
-           "default_eps", "threat_norm"]
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_eot_iter",
+           "autoattack_gaps", "default_attacks", "default_eps", "threat_norm"]
 
 #: RobustBench's eps per (dataset, threat model): a live view of the dataset registry (each dataset's registration)
 DEFAULT_EPS = EPS
@@ -74,6 +74,15 @@ def autoattack_budgets(norm: str) -> dict[str, int]:
             "fab_targets": aa.fab.n_target_classes, "square_queries": aa.square.n_queries}
 
 
+@functools.lru_cache(maxsize=None)
+def autoattack_eot_iter() -> int:
+    """The EoT iterations of AutoAttack's ``rand`` version (its APGD's ``eot_iter``, 20), read from pyautoattack:
+    the default of :attr:`AttackConfig.eot_iter` on a model whose forward is random."""
+    from pyautoattack import AutoAttack
+
+    return int(AutoAttack(nn.Identity(), norm="Linf", eps=1.0, version="rand").apgd.eot_iter)
+
+
 @dataclass(frozen=True)
 class AttackConfig(SerializableConfig):
     """Threat model, attack list and budgets. Defaults are the published ones.
@@ -88,6 +97,11 @@ class AttackConfig(SerializableConfig):
     L1) and FAB-T, and 5000 queries for Square (None: these, :func:`autoattack_budgets`). The
     adaptive attack uses 50 steps (MeanSparse paper, A.4); its lambda and step size were not
     published (we default to lambda=1 and a step of 2.5*eps/steps).
+
+    A model whose forward is random (two forwards of one batch differ, :mod:`~robustify.attacks.eot`) is
+    attacked with expectation over transformation, as AutoAttack's ``rand`` version does: the attacks
+    registered with ``eot`` average their gradient over ``eot_iter`` forwards. The evaluation decides:
+    it records the iterations used in the config of the result (None on a deterministic model).
 
     Attributes:
         attacks: the attacks (comma-separated on the command line), from the attack registry:
@@ -113,6 +127,10 @@ class AttackConfig(SerializableConfig):
         adaptive_steps: steps of the adaptive attack.
         adaptive_lambda: the adaptive attack's lambda.
         adaptive_step_size: the adaptive attack's step size (None: 2.5*eps/steps).
+        eot_iter: EoT iterations (gradients averaged per step) of the gradient attacks on a model whose forward
+            is random (None: AutoAttack's rand version's, 20; 1 disables EoT, refused unless accept_no_eot). A
+            deterministic model is attacked without EoT.
+        accept_no_eot: evaluate a random model with eot_iter 1 (no EoT): its row is flagged random-without-eot.
     """
 
     VERSION: ClassVar[int] = 1
@@ -133,6 +151,8 @@ class AttackConfig(SerializableConfig):
     adaptive_steps: int = 50
     adaptive_lambda: float = 1.0
     adaptive_step_size: float | None = None
+    eot_iter: int | None = None
+    accept_no_eot: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in THREAT_NORMS:
@@ -155,13 +175,21 @@ class AttackConfig(SerializableConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.eot_iter is not None and (isinstance(self.eot_iter, bool) or not isinstance(self.eot_iter, int)
+                                          or self.eot_iter < 1):
+            raise UserError(f"eot_iter must be a positive integer, got {self.eot_iter!r}")
         if not math.isfinite(self.adaptive_lambda) or self.adaptive_lambda < 0:
             raise UserError(f"adaptive_lambda must be >= 0, got {self.adaptive_lambda!r}")
 
     def budget_for(self, attack: str) -> dict[str, Any]:
         """The budget settings that affect ``attack`` (recorded in results): its registered
-        :attr:`~robustify.attacks.base.AttackSpec.budget`."""
-        return get_attack(attack).budget(self)
+        :attr:`~robustify.attacks.base.AttackSpec.budget`, and ``eot`` (the EoT iterations) for an attack that
+        averages its gradients (:attr:`~robustify.attacks.base.AttackSpec.eot`) when ``eot_iter`` is set."""
+        spec = get_attack(attack)
+        budget = spec.budget(self)
+        if spec.eot and self.eot_iter is not None:
+            budget = {**budget, "eot": self.eot_iter}
+        return budget
 
     def for_classes(self, classes: int) -> AttackConfig:
         """This config for a model with ``classes`` classes: the targeted attacks' target counts
@@ -180,6 +208,8 @@ def autoattack_gaps(config: AttackConfig) -> list[str]:
     gaps = [f"no {attack}" for attack in autoattack_suite() if attack not in config.attacks]
     gaps += [f"{name}={getattr(config, name)} (standard {value})"
              for name, value in autoattack_budgets(config.norm).items() if getattr(config, name) != value]
+    if config.eot_iter is not None and config.eot_iter > 1:
+        gaps.append(f"eot_iter={config.eot_iter} (standard: no EoT)")
     return gaps
 
 

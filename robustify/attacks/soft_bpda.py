@@ -77,4 +77,4 @@ def _budget(config: AttackConfig) -> dict[str, Any]:
 
 
 register_attack(AttackSpec(name="soft-bpda", kind="adaptive", build=_build, budget=_budget,
-                           budget_fields=("apgd_iters",), requires="soft_backward"))
+                           budget_fields=("apgd_iters",), requires="soft_backward", eot=True))

@@ -51,7 +51,7 @@ RUN_DEFAULTS = {"model": "aa-resnet18", "n_examples": 100, "n_calib": 5000, "out
 ATTACK_FLAGS = ConfigFlags(
     AttackConfig, ("attacks", "eps", "seed", "batch_size", "individual", "apgd_iters", "apgd_restarts", "apgd_t_iters",
                    "apgd_t_targets", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
-                   "adaptive_lambda", "adaptive_step_size"),
+                   "adaptive_lambda", "adaptive_step_size", "eot_iter", "accept_no_eot"),
     names={"batch_size": "attack-batch-size"}, parse={"attacks": comma_list})
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",

@@ -13,6 +13,14 @@ the same final numbers: each batch reseeds its attack, and batches are formed fr
 journal alone. A partially written last line is ignored. ``<out>/result.json`` is written
 atomically at the end. A lock file refuses a second evaluation writing the same directory.
 
+A model whose forward is random (two forwards of one small batch differ:
+:func:`~robustify.attacks.eot.forward_is_random`, once per evaluation, recorded as ``random_forward`` in
+the result's ``meta``) is attacked with EoT (:func:`~robustify.attacks.eot.resolve_eot`: the config's
+``eot_iter`` in the result is the one used). Its numbers are then one draw, as AutoAttack's: clean accuracy
+is one forward per example, and an example counts as robust when the one forward that checks each attack's
+output classifies it correctly. Each batch of such a model runs under its own seed (from the config's seed,
+the phase and the batch), so a resumed run still gives the same numbers.
+
 The journal and lock are :mod:`robustify.evaluation.journal`; the result schema and its flags
 :mod:`robustify.evaluation.results`.
 """
@@ -24,6 +32,7 @@ import datetime
 import logging
 import platform
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,7 @@ from tqdm.auto import tqdm
 from robustify.core import distributed
 from robustify._version import __version__
 from robustify.attacks import AttackConfig, build_attack, make_autoattack
+from robustify.attacks.eot import DETECTION_BATCH, forward_is_random, resolve_eot
 from robustify.core.config import format_eps
 from robustify.evaluation.cost import PassCounter, summarise
 from robustify.load.data import validate_batch
@@ -83,7 +93,8 @@ def _run_autoattack_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c
     from pyautoattack import checks
 
     aa_logger = logging.getLogger("auto-attack")
-    checks.check_randomized(model, x, y, bs=x.shape[0], logger=aa_logger)
+    if (config.eot_iter or 1) == 1:  # a random forward attacked with EoT: skipped, as by AutoAttack's rand version
+        checks.check_randomized(model, x, y, bs=x.shape[0], logger=aa_logger)
     n_cls = checks.check_range_output(model, x, logger=aa_logger)
     checks.check_dynamic(model, x, False, logger=aa_logger)
     aa = make_autoattack(model, config, x.device)
@@ -168,6 +179,9 @@ def evaluate(
             The targeted attacks' target counts are capped at the model's classes - 1 (as recorded in the
             result's config).
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
+
+    A model whose forward is random is attacked with EoT (see the module's documentation); the result's
+    config holds the ``eot_iter`` used and its ``meta`` ``random_forward``.
     """
     config = config or AttackConfig()
     meta = dict(meta or {})
@@ -177,6 +191,9 @@ def evaluate(
     model.eval()
     with _parameters_frozen(model):
         config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
+        random_forward = forward_is_random(model, x[:DETECTION_BATCH].to(device))
+    config = resolve_eot(config, random_forward)
+    meta["random_forward"] = random_forward
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {
@@ -192,7 +209,7 @@ def evaluate(
             _parameters_frozen(model, source_model):
         journal = Journal(directory, header, writer=main)
         try:
-            result = _run(model, x, y, config, journal, device, source_model, progress)
+            result = _run(model, x, y, config, journal, device, source_model, progress, random_forward)
         finally:
             journal.close()
     result.meta = meta
@@ -204,6 +221,19 @@ def evaluate(
         write_json(directory / RESULT_FILE, result.to_dict())
         logger.info("wrote %s", directory / RESULT_FILE)
     return result
+
+
+@contextlib.contextmanager
+def _batch_seed(seeded: bool, seed: int, phase: str, k: int, device: torch.device | str) -> Iterator[None]:
+    """With ``seeded``, run the block under torch's global generators seeded from (``seed``, ``phase``, batch
+    ``k``), restored afterwards: a random model's draws for a batch do not depend on the batches before it."""
+    if not seeded:
+        yield
+        return
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(zlib.crc32(f"{seed}:{phase}:{k}".encode()))
+        yield
 
 
 @contextlib.contextmanager
@@ -260,13 +290,14 @@ def _run(
     device: torch.device | str,
     source_model: nn.Module | None,
     progress: bool,
+    random_forward: bool = False,
 ) -> EvalResult:
     n = x.shape[0]
     seconds: dict[str, float] = {}
 
     def clean_batch(k: int, idx: list[int]) -> dict[str, Any]:
         start = time.perf_counter()
-        with PassCounter(model) as passes:
+        with PassCounter(model) as passes, _batch_seed(random_forward, config.seed, "clean", k, device):
             pred = _predict(model, x[idx].to(device)).cpu()
         return {"attack": "clean", "batch": k, "idx": idx, "broken": (pred != y[idx]).long().tolist(),
                 "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
@@ -299,8 +330,9 @@ def _run(
         broken = torch.zeros(n, dtype=torch.bool)
         attacked = torch.zeros(n, dtype=torch.bool)
 
-        def attack_batch(k: int, idx: list[int], attack: Any = attack) -> dict[str, Any]:
-            return _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,))
+        def attack_batch(k: int, idx: list[int], attack: Any = attack, name: str = name) -> dict[str, Any]:
+            with _batch_seed(random_forward, config.seed, name, k, device):
+                return _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,))
 
         records = _run_phase(name, chunks, attack_batch, journal, progress)
         for rec in records:

@@ -122,6 +122,10 @@ LEGEND: tuple[Explanation, ...] = (
                                      "attacks underestimate this defense."),
     _flag("autoattack-checks", "One of AutoAttack's own gradient-masking checks fired (see aa_checks in "
                                "result.json)."),
+    _flag("random-without-eot", "The model's forward is random and no attack averaged its gradients over several "
+                                "forwards (EoT): single-sample gradients underestimate a randomized defense, so its "
+                                "robust accuracy is too high. (A random model's clean accuracy is one forward per "
+                                "example, as AutoAttack's.)"),
     _flag("robust-acc-rises-with-eps", "Robust accuracy rises with a larger eps for the same model and defense "
                                        "(more than 0.2 points): a sign of gradient masking or a too weak attack."),
     _flag("fails-unbounded", "APGD at an eps covering the whole image space left accuracy above chance: the attack "
