@@ -148,3 +148,17 @@ def test_cli_refuses_a_random_model_without_eot_and_records_eot(tmp_path: Path, 
     assert "random-without-eot" in accepted["flags"] and "random-without-eot" not in eot["flags"]
     assert (accepted["config"]["eot_iter"], eot["config"]["eot_iter"]) == (1, 3)
     assert eot["meta"]["random_forward"] is True
+
+
+def test_a_random_defense_is_paired_with_its_deterministic_base() -> None:
+    from robustify.core.significance import find_base
+
+    def result(defense: str, eot_iter: int | None, random: bool) -> dict:
+        return {"meta": {"model": "m", "defense": defense, "data": "d.npz", "split": "test", "dataset": "cifar10",
+                         "random_forward": random},
+                "config": {"attacks": ["apgd-ce"], "eps": 8 / 255, "eot_iter": eot_iter, "accept_no_eot": False},
+                "n_examples": 2, "per_example": {"clean_correct": [1, 1], "apgd-ce": [0, 1]}}
+
+    base = result("none", None, False)
+    assert find_base(result("noise", 20, True), [base]) is not None  # the budgets differ only by the model's EoT
+    assert find_base(result("noise", 20, True), [{**base, "config": {**base["config"], "eps": 4 / 255}}]) is None
