@@ -162,3 +162,27 @@ def test_a_random_defense_is_paired_with_its_deterministic_base() -> None:
     base = result("none", None, False)
     assert find_base(result("noise", 20, True), [base]) is not None  # the budgets differ only by the model's EoT
     assert find_base(result("noise", 20, True), [{**base, "config": {**base["config"], "eps": 4 / 255}}]) is None
+
+
+class _GaussianNoise(nn.Module):
+    """Adds N(0, sigma^2) noise to the input at every forward: random predictions, not only random gradients."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x)
+
+
+def test_the_audit_sees_the_clean_predictions_the_evaluation_saw(data, one_thread) -> None:
+    from robustify.evaluation.audit import _check_same_model
+
+    x, y = data
+    model = nn.Sequential(_GaussianNoise(0.5), tiny_cnn()).eval()
+    config = _config(apgd_iters=2, eot_iter=2, batch_size=8)
+    result = evaluate(model, x, y, config, progress=False)
+    assert result.meta["random_forward"] and 0.2 < result.clean_acc < 0.9  # measured: 78.1%, one forward per image
+    torch.rand(3)  # another state of torch's generator: the audit reseeds each clean batch as the evaluation did
+    clean = _check_same_model(model, x, y, result, AttackConfig.from_dict(result.config), "cpu")
+    assert [int(c) for c in clean] == result.per_example["clean_correct"]
