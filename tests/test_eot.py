@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from robustify import defenses
-from robustify.attacks import AttackConfig, autoattack_eot_iter, forward_is_random, resolve_eot
+from robustify.attacks import (AttackConfig, autoattack_eot_iter, autoattack_gaps, build_attack, forward_is_random,
+                               resolve_eot)
 from robustify.cli import main
 from robustify.core.errors import UserError
 from robustify.evaluation.engine import evaluate
@@ -112,6 +113,19 @@ def test_eot_off_on_a_random_model_is_refused_unless_accepted() -> None:
     assert resolve_eot(_config(eot_iter=1, accept_no_eot=True), True).eot_iter == 1
     with pytest.raises(UserError, match="eot_iter must be a positive integer"):
         _config(eot_iter=0)
+
+
+def test_the_eot_iterations_reach_the_attacks(one_thread) -> None:
+    config = AttackConfig(attacks=("apgd-ce", "apgd-t", "transfer"), eot_iter=5)
+    model = tiny_cnn()
+    assert build_attack("apgd-ce", model, config).aa.apgd.eot_iter == 5
+    assert build_attack("apgd-t", model, config).aa.apgd_targeted.eot_iter == 5
+    assert build_attack("adaptive", model, config).eot_iter == 5
+    assert build_attack("transfer", model, config, source_model=tiny_cnn()).aa.apgd.eot_iter == 1  # crafted on the source
+    assert build_attack("apgd-ce", model, AttackConfig(attacks=("apgd-ce",))).aa.apgd.eot_iter == 1
+    assert [config.budget_for(a).get("eot") for a in ("apgd-ce", "fab-t", "square", "transfer", "bpda-apgd-t")] == \
+        [5, None, None, None, 5]
+    assert "eot_iter=5 (standard: no EoT)" in autoattack_gaps(config)  # no autoattack_acc: the standard suite has none
 
 
 def _result(attacks: list[str], random: bool | None, eot_iter: int | None) -> EvalResult:
