@@ -111,6 +111,9 @@ def test_eot_off_on_a_random_model_is_refused_unless_accepted() -> None:
         resolve_eot(_config(eot_iter=1), True)
     assert "\n" not in str(err.value) and "--accept-no-eot" in str(err.value)
     assert resolve_eot(_config(eot_iter=1, accept_no_eot=True), True).eot_iter == 1
+    # the consent is recorded only where it was used: it never splits equal evaluations into two settings
+    assert resolve_eot(_config(accept_no_eot=True), False) == resolve_eot(_config(), False)
+    assert resolve_eot(_config(accept_no_eot=True), True) == resolve_eot(_config(), True)
     with pytest.raises(UserError, match="eot_iter must be a positive integer"):
         _config(eot_iter=0)
 

@@ -55,12 +55,13 @@ def forward_is_random(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 def resolve_eot(config: AttackConfig, random_forward: bool) -> AttackConfig:
     """``config`` with the ``eot_iter`` an evaluation uses: on a random model the config's (None:
     AutoAttack's rand version's, 20), refused at 1 unless ``accept_no_eot``; on a deterministic model None
-    (EoT would repeat one gradient)."""
+    (EoT would repeat one gradient). ``accept_no_eot`` stays set only where it was needed, so that it never
+    tells two otherwise equal evaluations (settings ids) apart."""
     if not random_forward:
         if config.eot_iter is not None:
             logger.info("the model's forward is deterministic: attacked without EoT (eot_iter %d ignored)",
                         config.eot_iter)
-        return dataclasses.replace(config, eot_iter=None)
+        return dataclasses.replace(config, eot_iter=None, accept_no_eot=False)
     eot = autoattack_eot_iter() if config.eot_iter is None else config.eot_iter
     if eot == 1 and not config.accept_no_eot:
         raise UserError("the model's forward is random (two forwards of one batch differ) and eot_iter=1 switches "
@@ -80,4 +81,4 @@ def resolve_eot(config: AttackConfig, random_forward: bool) -> AttackConfig:
     if without and eot > 1:
         logger.info("%s run without EoT (one forward per step or query); what they break is confirmed by the final "
                     "forward", ", ".join(without))
-    return dataclasses.replace(config, eot_iter=eot)
+    return dataclasses.replace(config, eot_iter=eot, accept_no_eot=eot == 1)
