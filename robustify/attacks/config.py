@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_ATTACKS", "DEFAULT_EPS", "AttackConfig", "autoattack_budgets
 #: RobustBench's eps per (dataset, threat model): a live view of the dataset registry (each dataset's registration)
 DEFAULT_EPS = EPS
 #: the attacks of an :class:`AttackConfig` given none (less those that do not support its norm: :func:`default_attacks`)
-DEFAULT_ATTACKS = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
+DEFAULT_ATTACKS = ("apgd-ce", "apgd-dlr", "square", "bpda", "bpda-apgd-t", "adaptive", "transfer")
 
 
 def threat_norm(threat_model: str) -> str:

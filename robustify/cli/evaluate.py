@@ -40,9 +40,10 @@ logger = logging.getLogger("robustify")
 
 __all__ = ["DEFAULT_ATTACKS", "attack_config", "audit_config", "job_from_args"]
 
-#: the attacks of ``evaluate`` and ``audit`` (those needing a defense hook run only where a defense offers it; those
-#: without a version for the norm are left out, :func:`~robustify.attacks.default_attacks`)
-DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"
+#: the attacks of ``evaluate`` and ``audit``: AttackConfig's default (:data:`~robustify.attacks.DEFAULT_ATTACKS`) as
+#: ``--attacks`` text (those needing a defense hook run only where a defense offers it; those without a version for
+#: the norm are left out, :func:`~robustify.attacks.default_attacks`)
+DEFAULT_ATTACKS = ",".join(DEFAULT_ATTACK_LIST)
 #: the defaults of ``sweep`` that differ from an evaluation's
 SWEEP_DEFAULTS: dict[str, Any] = {"n_examples": 200, "holdout": 500, "attacks": "apgd-ce,bpda"}
 #: the defaults of the quick main job ``run`` that differ from an evaluation's

@@ -36,7 +36,7 @@ from robustify.core import distributed
 from robustify._version import __version__
 from robustify.attacks import AttackConfig, build_attack, make_autoattack
 from robustify.core.config import format_eps
-from robustify.evaluation.cost import PassCounter, summarise
+from robustify.evaluation.cost import CHECKS, PassCounter, summarise
 from robustify.load.data import validate_batch
 from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError, UserError
 from robustify.core.io import write_json
@@ -285,8 +285,11 @@ def _run(
     add_cost("clean", records)
 
     first = correct.nonzero().flatten()[: config.batch_size]
-    if len(first):
-        _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
+    if len(first):  # AutoAttack's checks on the first batch (7 forwards, as run_standard_evaluation does)
+        start = time.perf_counter()
+        with PassCounter(model) as passes:
+            _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
+        cost[CHECKS] = summarise(passes.forward, passes.backward, time.perf_counter() - start, len(first))
 
     robust = correct.clone()
     per_attack: dict[str, torch.Tensor] = {}
