@@ -129,7 +129,8 @@ def audit(result: EvalResult) -> list[str]:
     if white and extra(_among(attacks, attack_names(gradient=False)), white) > AUDIT_MARGIN:
         flags.append("black-box-beats-white-box")
     bpda_attacks = _among(attacks, attack_names(requires="straight_through"))
-    if white and bpda_attacks and extra(bpda_attacks, white) > AUDIT_MARGIN:
+    standard_white = _among(attacks, attack_names(kind="white-box", standard=True))
+    if standard_white and bpda_attacks and extra(bpda_attacks, standard_white) > AUDIT_MARGIN:
         flags.append("bpda-beats-standard")
     standard = _among(attacks, attack_names(standard=True))
     if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
