@@ -20,6 +20,7 @@ from robustify.core.errors import UserError
 from robustify.core import distributed
 from robustify.attacks import DEFAULT_ATTACKS as DEFAULT_ATTACK_LIST
 from robustify.attacks import AttackConfig, default_attacks, threat_norm
+from robustify.attacks.malt import TARGETINGS
 from robustify.evaluation.audit import AuditConfig
 from robustify.jobs.audit import audit_job
 from robustify.core.config import format_eps
@@ -51,9 +52,10 @@ RUN_DEFAULTS = {"model": "aa-resnet18", "n_examples": 100, "n_calib": 5000, "out
 
 ATTACK_FLAGS = ConfigFlags(
     AttackConfig, ("attacks", "eps", "seed", "batch_size", "individual", "apgd_iters", "apgd_restarts", "apgd_t_iters",
-                   "apgd_t_targets", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
+                   "apgd_t_targets", "apgd_t_targeting", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
                    "adaptive_lambda", "adaptive_step_size"),
-    names={"batch_size": "attack-batch-size"}, parse={"attacks": comma_list})
+    names={"batch_size": "attack-batch-size", "apgd_t_targeting": "targets"}, parse={"attacks": comma_list},
+    choices={"apgd_t_targeting": TARGETINGS})
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",
                     "progress", "compile", "precision"),
