@@ -56,3 +56,31 @@ def test_bpda_is_compared_with_the_standard_gradient_attacks_of_the_registry() -
     pgd = [None] * 15 + [0] * 85
     assert "bpda-beats-standard" in _flags({"apgd-ce": apgd_ce, "bpda-apgd-ce": [None] * 10 + [1] * 5 + [0] * 85,
                                             "pgd": pgd})
+
+
+def test_noise_is_tried_only_where_every_gradient_attack_tried() -> None:
+    import torch
+    from torch import nn
+
+    from robustify.evaluation.audit import AuditConfig, check_noise
+
+    # a linear model on 1x1x1 images: class 1 above 0.5. Example 0 sits on the boundary (any noise may flip
+    # it), the others are far from it.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        model[1].bias.copy_(torch.tensor([0.5, -0.5]))
+    x = torch.tensor([0.5001] + [0.9] * 9).view(10, 1, 1, 1)
+    y = torch.ones(10, dtype=torch.long)
+    # sequential: APGD-CE left example 0, Square broke it, APGD-DLR (run after Square) never saw it
+    per = {"apgd-ce": [0] * 10, "square": [1] + [0] * 9, "apgd-dlr": [None] + [0] * 9}
+    result = EvalResult(meta={}, config=AttackConfig(attacks=tuple(per), eps=0.01).to_dict(), n_examples=10,
+                        clean_acc=1.0, attack_acc={"apgd-ce": 1.0, "square": 0.9, "apgd-dlr": 0.9}, worst_case_acc=0.9,
+                        flags=[], per_example={"clean_correct": [1] * 10, **per}, seconds={}, versions={})
+    config = AttackConfig(attacks=tuple(per), eps=0.01)
+    noise = check_noise(model, x, y, result, config, AuditConfig())
+    assert noise["examples"] == 9 and noise["broken"] == 0 and not noise["flag"]
+    # had APGD-DLR tried example 0 and left it, noise breaking it is what the flag is for
+    result.per_example.update({"apgd-dlr": [0] * 10, "square": [0] * 10})
+    noise = check_noise(model, x, y, result, config, AuditConfig())
+    assert noise["examples"] == 10 and noise["broken"] == 1 and noise["flag"]
