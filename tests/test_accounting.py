@@ -28,9 +28,9 @@ def test_passes_count_every_forward_autoattack_checks_included() -> None:
                           progress=False)
     finally:
         handle.remove()
-    # pyautoattack's checks on the first batch: check_randomized (5 forwards), check_range_output (1),
-    # check_dynamic (1); no backward
-    assert result.cost["checks"]["forward"] == 7 * 5 and result.cost["checks"]["backward"] == 0
+    # the logit width (1 forward of the first batch) and pyautoattack's checks on the first correct batch:
+    # check_randomized (5 forwards), check_range_output (1), check_dynamic (1); no backward
+    assert result.cost["checks"]["forward"] == 5 + 7 * 5 and result.cost["checks"]["backward"] == 0
     assert sum(c["forward"] for c in result.cost.values()) == sum(rows)
     row = result_row(result.to_dict())
     assert row["passes"] == sum(rows) + sum(c["backward"] for c in result.cost.values())

@@ -18,8 +18,9 @@ from torch import nn
 
 __all__ = ["CHECKS", "CLEAN", "PHASES", "PassCounter", "summarise"]
 
-#: the ``cost`` entries that are not attacks: clean accuracy, and AutoAttack's own checks (pyautoattack's
-#: ``checks.check_randomized``, ``check_range_output``, ``check_dynamic``: 7 forwards of the first batch)
+#: the ``cost`` entries that are not attacks: clean accuracy, and the checks: the model's logit width (1 forward
+#: of the first batch) and AutoAttack's own (pyautoattack's ``checks.check_randomized``, ``check_range_output``,
+#: ``check_dynamic``: 7 forwards of the first correctly classified batch)
 CLEAN, CHECKS = "clean", "checks"
 PHASES = (CLEAN, CHECKS)
 

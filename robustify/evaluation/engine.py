@@ -175,8 +175,10 @@ def evaluate(
         raise DataError("there are no examples to evaluate")
     validate_batch(x, y, num_classes, input_size=input_size)
     model.eval()
-    with _parameters_frozen(model):
+    start = time.perf_counter()
+    with _parameters_frozen(model), PassCounter(model) as width_passes:
         config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
+    checked = (width_passes.forward, width_passes.backward, time.perf_counter() - start)
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {
@@ -192,7 +194,7 @@ def evaluate(
             _parameters_frozen(model, source_model):
         journal = Journal(directory, header, writer=main)
         try:
-            result = _run(model, x, y, config, journal, device, source_model, progress)
+            result = _run(model, x, y, config, journal, device, source_model, progress, checked)
         finally:
             journal.close()
     result.meta = meta
@@ -260,7 +262,10 @@ def _run(
     device: torch.device | str,
     source_model: nn.Module | None,
     progress: bool,
+    checked: tuple[int, int, float] = (0, 0, 0.0),
 ) -> EvalResult:
+    """``checked``: forward and backward example-passes and seconds of the checks run before (the logit width),
+    added to the ``checks`` phase with AutoAttack's own checks."""
     n = x.shape[0]
     seconds: dict[str, float] = {}
 
@@ -285,11 +290,12 @@ def _run(
     add_cost("clean", records)
 
     first = correct.nonzero().flatten()[: config.batch_size]
-    if len(first):  # AutoAttack's checks on the first batch (7 forwards, as run_standard_evaluation does)
-        start = time.perf_counter()
-        with PassCounter(model) as passes:
+    start = time.perf_counter()
+    with PassCounter(model) as passes:
+        if len(first):  # AutoAttack's checks on the first batch (7 forwards, as run_standard_evaluation does)
             _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
-        cost[CHECKS] = summarise(passes.forward, passes.backward, time.perf_counter() - start, len(first))
+    cost[CHECKS] = summarise(checked[0] + passes.forward, checked[1] + passes.backward,
+                             checked[2] + time.perf_counter() - start, len(first))
 
     robust = correct.clone()
     per_attack: dict[str, torch.Tensor] = {}
