@@ -58,13 +58,15 @@ def test_malt_uses_the_dual_norm_of_the_threat_model() -> None:
     assert malt_targets(model, x, y, "Linf", 3).tolist()[0][-1] == 3
 
 
-def test_targeted_apgd_with_top_logit_targets_is_pyautoattacks_apgd_t() -> None:
+@pytest.mark.parametrize("norm, eps", [("Linf", 16 / 255), ("L2", 0.5), ("L1", 3.0)])
+def test_targeted_apgd_with_top_logit_targets_is_pyautoattacks_apgd_t(norm: str, eps: float) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)).eval()
     x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)
-    config = AttackConfig(attacks=("apgd-t",), eps=16 / 255, apgd_t_iters=4, apgd_t_targets=3)
+    # L1: AutoAttack's L1 settings (its schedule of decreasing radii) over 10 iterations
+    config = AttackConfig(attacks=("apgd-t",), norm=norm, eps=eps, apgd_t_iters=10, apgd_t_targets=3)
     reference = make_autoattack(model, config, "cpu").apgd_targeted.perturb(x, y)
     apgd = make_autoattack(model, config, "cpu").apgd_targeted
     ours = targeted_apgd(apgd, x, y, top_logit_targets(model, x, y, 3))

@@ -14,7 +14,7 @@ of them below 101 classes). A class whose margin has a zero gradient is estimate
 linearisation never reaches it) and comes last; ties keep the logit order.
 
 :func:`malt_targets` ranks; :func:`targeted_apgd` runs pyautoattack's ``APGDAttack_targeted`` (its
-``attack_single_run``, unchanged) towards given targets per example. With the top-logit ranking
+``attack_single_run``, unchanged; under L1 its schedule of decreasing radii) towards given targets per example. With the top-logit ranking
 (:func:`top_logit_targets`) it returns what ``APGDAttack_targeted.perturb`` returns.
 """
 
@@ -72,6 +72,16 @@ def malt_targets(model: Any, x: torch.Tensor, y: torch.Tensor, norm: str, k: int
     return cand.gather(1, order)
 
 
+def _single_run(apgd: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One run of ``apgd`` towards ``apgd.y_target``; under AutoAttack's L1 settings (``use_largereps``) its
+    schedule of decreasing radii (3, 2, 1 times eps over 30%, 30%, 40% of the iterations), as ``perturb`` runs it."""
+    if not apgd.use_largereps:
+        return apgd.attack_single_run(x, y)
+    iters = [math.ceil(0.3 * apgd.n_iter_orig)] * 2
+    iters.append(apgd.n_iter_orig - sum(iters))
+    return apgd.decr_eps_pgd(x, y, [3.0 * apgd.eps_orig, 2.0 * apgd.eps_orig, 1.0 * apgd.eps_orig], iters)
+
+
 def targeted_apgd(apgd: Any, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """pyautoattack's ``APGDAttack_targeted`` towards ``targets[:, 0]``, then ``targets[:, 1]``, ... per example.
 
@@ -94,7 +104,7 @@ def targeted_apgd(apgd: Any, x: torch.Tensor, y: torch.Tensor, targets: torch.Te
             if idx.numel() == 0:
                 return adv
             apgd.y_target = column[idx]
-            _, acc, _, adv_run = apgd.attack_single_run(x[idx], y[idx])
+            _, acc, _, adv_run = _single_run(apgd, x[idx], y[idx])
             fooled = (acc == 0).nonzero().flatten()
             robust[idx[fooled]] = False
             adv[idx[fooled]] = adv_run[fooled].detach()
