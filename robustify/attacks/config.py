@@ -16,6 +16,7 @@ from torch import nn
 from robustify.load.datasets import EPS, dataset_eps
 from robustify.attacks.base import THREAT_NORMS, aliases, attack_names, autoattack_suite, expand_attacks, get_attack, \
     on_registry_change
+from robustify.attacks.malt import TARGETINGS
 from robustify.core.config import SerializableConfig, format_eps, parse_eps
 from robustify.core.errors import UserError
 
@@ -27,7 +28,7 @@ __all__ = ["DEFAULT_ATTACKS", "DEFAULT_EPS", "AttackConfig", "autoattack_budgets
 #: RobustBench's eps per (dataset, threat model): a live view of the dataset registry (each dataset's registration)
 DEFAULT_EPS = EPS
 #: the attacks of an :class:`AttackConfig` given none (less those that do not support its norm: :func:`default_attacks`)
-DEFAULT_ATTACKS = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
+DEFAULT_ATTACKS = ("apgd-ce", "apgd-dlr", "square", "bpda", "bpda-apgd-t", "adaptive", "transfer")
 
 
 def threat_norm(threat_model: str) -> str:
@@ -121,6 +122,9 @@ class AttackConfig(SerializableConfig):
         apgd_restarts: APGD-CE/DLR restarts (None: AutoAttack's for the norm, 1; 5 for L1).
         apgd_t_iters: APGD-T iterations.
         apgd_t_targets: APGD-T target classes (None: AutoAttack's for the norm, 9; 5 for L1).
+        apgd_t_targeting: how APGD-T and BPDA-APGD-T pick their target classes: top-logit (AutoAttack's: the
+            highest logits after the true class) or malt (MALT, Melamed et al. 2024: the nearest decision
+            boundaries by a first-order estimate; not AutoAttack's standard evaluation).
         fab_iters: FAB-T iterations.
         fab_targets: FAB-T target classes.
         square_queries: Square's query budget.
@@ -145,6 +149,7 @@ class AttackConfig(SerializableConfig):
     apgd_restarts: int | None = None
     apgd_t_iters: int = 100
     apgd_t_targets: int | None = None
+    apgd_t_targeting: str = "top-logit"
     fab_iters: int = 100
     fab_targets: int = 9
     square_queries: int = 5000
@@ -178,6 +183,8 @@ class AttackConfig(SerializableConfig):
         if self.eot_iter is not None and (isinstance(self.eot_iter, bool) or not isinstance(self.eot_iter, int)
                                           or self.eot_iter < 1):
             raise UserError(f"eot_iter must be a positive integer, got {self.eot_iter!r}")
+        if self.apgd_t_targeting not in TARGETINGS:
+            raise UserError(f"unknown APGD-T targeting {self.apgd_t_targeting!r}; choose {' or '.join(TARGETINGS)}")
         if not math.isfinite(self.adaptive_lambda) or self.adaptive_lambda < 0:
             raise UserError(f"adaptive_lambda must be >= 0, got {self.adaptive_lambda!r}")
 
@@ -210,6 +217,9 @@ def autoattack_gaps(config: AttackConfig) -> list[str]:
              for name, value in autoattack_budgets(config.norm).items() if getattr(config, name) != value]
     if config.eot_iter is not None and config.eot_iter > 1:
         gaps.append(f"eot_iter={config.eot_iter} (standard: no EoT)")
+    targeted = [a for a in autoattack_suite() if a in config.attacks and "apgd_t_targeting" in get_attack(a).budget_fields]
+    if targeted and config.apgd_t_targeting != TARGETINGS[0]:
+        gaps.append(f"apgd_t_targeting={config.apgd_t_targeting} (standard {TARGETINGS[0]})")
     return gaps
 
 

@@ -20,6 +20,7 @@ from robustify.core.errors import UserError
 from robustify.core import distributed
 from robustify.attacks import DEFAULT_ATTACKS as DEFAULT_ATTACK_LIST
 from robustify.attacks import AttackConfig, default_attacks, threat_norm
+from robustify.attacks.malt import TARGETINGS
 from robustify.evaluation.audit import AuditConfig
 from robustify.jobs.audit import audit_job
 from robustify.core.config import format_eps
@@ -40,9 +41,10 @@ logger = logging.getLogger("robustify")
 
 __all__ = ["DEFAULT_ATTACKS", "attack_config", "audit_config", "job_from_args"]
 
-#: the attacks of ``evaluate`` and ``audit`` (those needing a defense hook run only where a defense offers it; those
-#: without a version for the norm are left out, :func:`~robustify.attacks.default_attacks`)
-DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"
+#: the attacks of ``evaluate`` and ``audit``: AttackConfig's default (:data:`~robustify.attacks.DEFAULT_ATTACKS`) as
+#: ``--attacks`` text (those needing a defense hook run only where a defense offers it; those without a version for
+#: the norm are left out, :func:`~robustify.attacks.default_attacks`)
+DEFAULT_ATTACKS = ",".join(DEFAULT_ATTACK_LIST)
 #: the defaults of ``sweep`` that differ from an evaluation's
 SWEEP_DEFAULTS: dict[str, Any] = {"n_examples": 200, "holdout": 500, "attacks": "apgd-ce,bpda"}
 #: the defaults of the quick main job ``run`` that differ from an evaluation's
@@ -50,9 +52,10 @@ RUN_DEFAULTS = {"model": "aa-resnet18", "n_examples": 100, "n_calib": 5000, "out
 
 ATTACK_FLAGS = ConfigFlags(
     AttackConfig, ("attacks", "eps", "seed", "batch_size", "individual", "apgd_iters", "apgd_restarts", "apgd_t_iters",
-                   "apgd_t_targets", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
+                   "apgd_t_targets", "apgd_t_targeting", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
                    "adaptive_lambda", "adaptive_step_size", "eot_iter", "accept_no_eot"),
-    names={"batch_size": "attack-batch-size"}, parse={"attacks": comma_list})
+    names={"batch_size": "attack-batch-size", "apgd_t_targeting": "targets"}, parse={"attacks": comma_list},
+    choices={"apgd_t_targeting": TARGETINGS})
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",
                     "progress", "compile", "precision"),

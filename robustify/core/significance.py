@@ -56,7 +56,10 @@ def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
 
 
 def interval_pct(acc_pct: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The exact interval, in percent, of an accuracy given in percent over ``n`` examples."""
+    """The exact interval, in percent, of an accuracy given in percent over ``n`` examples.
+
+    The count is ``round(acc_pct * n / 100)``: exact for an unrounded percentage, or for one rounded to
+    2 decimals up to 10,000 examples only (pass the unrounded share above that)."""
     lo, hi = clopper_pearson(round(acc_pct * n / 100.0), n, confidence)
     return (100.0 * lo, 100.0 * hi)
 

@@ -16,7 +16,7 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
   budget), and the mean input-gradient norm with and without BPDA; flagged when a site's
   share exceeds ``masked_share``.
 * **noise** (``noise-beats-white-box``): ``noise_draws`` uniform random points in the eps ball
-  of every example that all gradient-based attacks left unbroken; they must not break more than
+  of every example that all gradient-based attacks tried and left unbroken; they must not break more than
   ``noise_tolerance`` of all examples.
 
 The result is the ``audit`` entry of ``result.json`` (:func:`audit_result_file`); the
@@ -238,9 +238,10 @@ def _noise(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -
 
 def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
                 audit: AuditConfig, device: Any = "cpu") -> dict[str, Any]:
-    """Random points in the eps ball of the examples every gradient-based attack left unbroken."""
+    """Random points in the eps ball of the examples every gradient-based attack tried and left unbroken (in
+    sequential mode, not those a black-box attack broke before a gradient attack could try them)."""
     gradient = _gradient_attacks([a for a in result.attack_acc if a in result.per_example])
-    left = _per_example_robust(result, gradient)
+    left = [i for i in _per_example_robust(result, gradient) if all(result.per_example[a][i] == 0 for a in gradient)]
     generator = torch.Generator().manual_seed(config.seed)
     broken = set()
     for chunk in _chunks(left, config.batch_size):

@@ -46,7 +46,7 @@ from robustify._version import __version__
 from robustify.attacks import AttackConfig, build_attack, make_autoattack
 from robustify.attacks.eot import DETECTION_BATCH, forward_is_random, resolve_eot
 from robustify.core.config import format_eps
-from robustify.evaluation.cost import PassCounter, summarise
+from robustify.evaluation.cost import CHECKS, PassCounter, summarise
 from robustify.load.data import validate_batch
 from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError, UserError
 from robustify.core.io import write_json
@@ -189,11 +189,13 @@ def evaluate(
         raise DataError("there are no examples to evaluate")
     validate_batch(x, y, num_classes, input_size=input_size)
     model.eval()
-    with _parameters_frozen(model):
+    start = time.perf_counter()
+    with _parameters_frozen(model), PassCounter(model) as width_passes:
         config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
         random_forward = forward_is_random(model, x[:DETECTION_BATCH].to(device))
     config = resolve_eot(config, random_forward)
     meta["random_forward"] = random_forward
+    checked = (width_passes.forward, width_passes.backward, time.perf_counter() - start)
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {
@@ -209,7 +211,7 @@ def evaluate(
             _parameters_frozen(model, source_model):
         journal = Journal(directory, header, writer=main)
         try:
-            result = _run(model, x, y, config, journal, device, source_model, progress, random_forward)
+            result = _run(model, x, y, config, journal, device, source_model, progress, random_forward, checked)
         finally:
             journal.close()
     result.meta = meta
@@ -291,7 +293,10 @@ def _run(
     source_model: nn.Module | None,
     progress: bool,
     random_forward: bool = False,
+    checked: tuple[int, int, float] = (0, 0, 0.0),
 ) -> EvalResult:
+    """``checked``: forward and backward example-passes and seconds of the checks run before (the logit width, the randomness detection),
+    added to the ``checks`` phase with AutoAttack's own checks."""
     n = x.shape[0]
     seconds: dict[str, float] = {}
 
@@ -316,8 +321,12 @@ def _run(
     add_cost("clean", records)
 
     first = correct.nonzero().flatten()[: config.batch_size]
-    if len(first):
-        _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
+    start = time.perf_counter()
+    with PassCounter(model) as passes:
+        if len(first):  # AutoAttack's checks on the first batch (7 forwards, as run_standard_evaluation does)
+            _run_autoattack_checks(model, x[first].to(device), y[first].to(device), config)
+    cost[CHECKS] = summarise(checked[0] + passes.forward, checked[1] + passes.backward,
+                             checked[2] + time.perf_counter() - start, len(first))
 
     robust = correct.clone()
     per_attack: dict[str, torch.Tensor] = {}

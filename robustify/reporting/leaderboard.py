@@ -31,6 +31,7 @@ from robustify.reporting.settings import setting_columns, setting_names
 from robustify.reporting.tables import markdown_tables
 from robustify.reporting.writers import WriteContext, run_writers
 from robustify.core.significance import LEVEL, ci_text, find_base, paired_comparison, robust_mask
+from robustify.evaluation.cost import PHASES
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +143,11 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
         "mode": "individual" if config.get("individual") else "sequential",
         "clean_acc": _pct(result["clean_acc"]),
     }
-    for attack, acc in result["attack_acc"].items():
-        row[f"{attack}_acc"] = _pct(acc)
-    std = _standard_acc(result)
-    row["standard_acc"] = _pct(std) if std is not None else None
-    aa = _autoattack_acc(result, cfg)
-    row["autoattack_acc"] = _pct(aa) if aa is not None else None
-    row["worst_case_acc"] = _pct(result["worst_case_acc"])
-    _add_intervals(row)
+    shares = {"clean_acc": result["clean_acc"], **{f"{a}_acc": acc for a, acc in result["attack_acc"].items()},
+              "standard_acc": _standard_acc(result), "autoattack_acc": _autoattack_acc(result, cfg),
+              "worst_case_acc": result["worst_case_acc"]}
+    row.update({col: _pct(share) if share is not None else None for col, share in shares.items()})
+    _add_intervals(row, shares)
     row["flags"] = ";".join(list(result.get("flags", [])) + list((result.get("audit") or {}).get("flags", [])))
     row.update(_audit_columns(result))
     skipped = meta.get("not_applicable") or {}
@@ -183,7 +181,7 @@ def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
     """``passes`` (forward + backward example-passes of every phase), per example; per attack
     ``cost`` ``attack=F+B`` (forward and backward passes per attacked example) and
     ``seconds_per_attack`` ``attack=S`` (wall seconds per attacked example)."""
-    cost = {a: c for a, c in (result.get("cost") or {}).items() if a != "clean"}
+    cost = {a: c for a, c in (result.get("cost") or {}).items() if a not in PHASES}
     if not cost:
         return {"passes": None, "passes_per_example": None, "cost": "", "seconds_per_attack": ""}
     total = sum(c["forward"] + c["backward"] for c in (result.get("cost") or {}).values())
@@ -192,10 +190,13 @@ def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
             "seconds_per_attack": " ".join(f"{a}={c['seconds_per_example']:g}" for a, c in cost.items())}
 
 
-def _add_intervals(row: dict[str, Any]) -> None:
-    """A 95% exact interval ``<x>_ci95`` for every accuracy column ``<x>_acc`` of the row."""
+def _add_intervals(row: dict[str, Any], shares: dict[str, float | None]) -> None:
+    """A 95% exact interval ``<x>_ci95`` for every accuracy column ``<x>_acc`` of the row, from the exact
+    count (``shares``: the unrounded fractions; the row's percentages, rounded to 2 decimals, lose the
+    count above 10,000 examples)."""
     for col in [c for c in row if c.endswith("_acc")]:
-        row[col[:-4] + "_ci95"] = ci_text(row[col], row["n_examples"])
+        share = shares.get(col)
+        row[col[:-4] + "_ci95"] = ci_text(100.0 * share if share is not None else row[col], row["n_examples"])
 
 
 def _add_paired(df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:

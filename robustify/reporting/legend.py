@@ -114,10 +114,11 @@ LEGEND: tuple[Explanation, ...] = (
                         "defense, `name=value`."),
     _column("setup", "Markdown only, when the columns would not fit: `dataset`, `threat_model`, `eps`, "
                      "`n_examples` and `mode` of the row, where they differ between rows."),
-    _flag("black-box-beats-white-box", "Square or the transfer attack broke examples every white-box attack left "
-                                       "robust (more than 0.2 points): the gradients are probably masked."),
-    _flag("bpda-beats-standard", "BPDA-APGD (identity backward through MeanSparse) broke examples standard APGD did "
-                                 "not: MeanSparse's zero gradients hide adversarial examples from plain APGD."),
+    _flag("black-box-beats-white-box", "Square or the transfer attack broke examples every white-box attack tried "
+                                       "and left robust (more than 0.2 points): the gradients are probably masked."),
+    _flag("bpda-beats-standard", "BPDA (identity backward through MeanSparse) broke examples the standard white-box "
+                                 "attacks tried and left robust: MeanSparse's zero gradients hide adversarial "
+                                 "examples from plain APGD."),
     _flag("adaptive-beats-standard", "The adaptive attack broke examples the standard attacks did not: the standard "
                                      "attacks underestimate this defense."),
     _flag("autoattack-checks", "One of AutoAttack's own gradient-masking checks fired (see aa_checks in "
@@ -136,8 +137,8 @@ LEGEND: tuple[Explanation, ...] = (
     _flag("masked-gradients", "At some thresholding site (MeanSparse) more than the stated share of units sit in "
                               "the zero-gradient band: plain gradients are masked, trust only the BPDA and adaptive "
                               "columns."),
-    _flag("noise-beats-white-box", "Random points in the eps ball broke examples every white-box attack left robust: "
-                                   "the white-box attacks are not working on this model."),
+    _flag("noise-beats-white-box", "Random points in the eps ball broke examples every white-box attack tried and "
+                                   "left robust: the white-box attacks are not working on this model."),
 )
 
 #: flag -> what it means (the flag entries of :data:`LEGEND`)
