@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tinynets import write_labelled_npz
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -48,13 +48,9 @@ batch_size = 4
 
 
 def make_dir(root: Path) -> Path:
-    """``root`` with ``small.npz`` (64 train, 16 test 3x32x32 images) and ``studynets.py``."""
+    """``root`` with ``small.npz`` (64 train, 16 test 3x32x32 images, labelled by tiny_cnn) and ``studynets.py``."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    np.savez(root / "small.npz", x_train=rng.integers(0, 256, size=(64, 3, 32, 32), dtype=np.uint8),
-             y_train=rng.integers(0, 10, size=64).astype(np.int64),
-             x_test=rng.integers(0, 256, size=(16, 3, 32, 32), dtype=np.uint8),
-             y_test=rng.integers(0, 10, size=16).astype(np.int64))
+    write_labelled_npz(str(root / "small.npz"), n_train=64, n_test=16)  # labelled by the model: attacks matter
     (root / "studynets.py").write_text(NETS)
     return root
 
@@ -65,12 +61,13 @@ def env_for(root: Path) -> dict[str, str]:
 
 
 def study_text(root: Path, models: list[str], alphas: list[float], attacks: str = ATTACKS, extra: str = "",
-               n: int = 8) -> str:
+               n: int = 8, base: bool = True) -> str:
     text = f'[study]\ndata = "{root / "small.npz"}"\nn_examples = {n}\nseed = 0\n{extra}\n'
     for m in models:
         name = m.split(":")[-1]
         text += f'[[models]]\nmodel = "{m}"\nname = "{name}"\n\n'
-    text += '[[defenses]]\ndefense = "none"\n\n'
+    if base:
+        text += '[[defenses]]\ndefense = "none"\n\n'
     if alphas:
         text += f'[[defenses]]\ndefense = "meansparse"\ngrid = {{ alpha = {alphas} }}\n\n'
     return text + attacks

@@ -22,7 +22,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: worker processes on this machine; slurm: job arrays through submitit")
     run.add_argument("--workers", type=int, default=None,
-                     help="local worker processes on CPU (default 1; on CUDA: one per visible GPU)")
+                     help="local worker processes on CPU (default 1; on CUDA: one per visible GPU; 0: the steps run "
+                          "in this process)")
     run.add_argument("--retry-failed", action="store_true", help="rerun the failed steps (and what they skipped)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a bar over cells")
     status = sub.add_parser("status", help="one row per cell: state, time, journal passes, error")

@@ -44,8 +44,28 @@ def _init_worker(gpus: Any, parent: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
 
 
+class _Inline:
+    """``workers=0``: each step in the controller's own process (a pool's interface, no processes)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller as a pool would
+            future.set_exception(exc)
+        return future
+
+
 def worker_count(plan: Plan, workers: int | None) -> tuple[int, list[int] | None]:
-    """How many workers, and the GPUs to pin them to (None: CPU)."""
+    """How many workers, and the GPUs to pin them to (None: CPU); 0: none (steps run in the controller)."""
+    if workers == 0:
+        return 0, None
     devices = {s.job.device for s in plan.steps}
     if any(str(d).startswith("cuda") for d in devices):
         import torch
@@ -69,13 +89,15 @@ def run_local(plan: Plan, todo: list[Step], workers: int | None, on_end: Callabl
         queue = ctx.Manager().Queue()
         for g in gpus:
             queue.put(g)
-    logger.info("running %d step(s) on %d local worker(s)%s", len(todo), n,
+    logger.info("running %d step(s) on %s%s", len(todo), f"{n} local worker(s)" if n else "the controller's process",
                 f" (GPUs {gpus})" if gpus is not None else "")
     waiting = {s.id: s for s in todo}
     finished: dict[str, dict[str, Any]] = {}
     running: dict[Future[dict[str, Any]], Step] = {}
     state_dir = plan.state_dir
-    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(queue, os.getpid())) as pool:
+    pool: Any = (_Inline() if n == 0 else
+                 ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(queue, os.getpid())))
+    with pool:
         while waiting or running:
             for step in list(waiting.values()):
                 pending = [d for d in step.deps if d in waiting or d in {s.id for s in running.values()}]

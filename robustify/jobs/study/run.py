@@ -79,7 +79,7 @@ def run_study(
     report: bool = True,
 ) -> list[CellState]:
     """Run every cell of ``study`` not done yet (results in ``<out_dir>/results/<cell>/``), on ``executor``
-    (``local``: worker processes, ``workers`` of them on CPU, one per GPU on CUDA; ``slurm``: job arrays through
+    (``local``: worker processes, ``workers`` of them on CPU (0: in this process), one per GPU on CUDA; ``slurm``: job arrays through
     submitit); a failed step records its one-line error and skips its dependents. Rebuilds the leaderboard in
     ``out_dir`` (``report``). Returns each cell's state."""
     if executor not in EXECUTORS:
