@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from robustify.jobs.study import load_study, run_study
+
+import pytest
 from tinynets import write_labelled_npz
 
 TESTS = Path(__file__).resolve().parent
@@ -86,3 +90,31 @@ def per_example(path: Path) -> dict[str, Any]:
 def events(out: Path) -> list[dict[str, Any]]:
     path = Path(out) / "study" / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# fixtures (import them into a test module)
+@pytest.fixture(scope="session")
+def root(tmp_path_factory: pytest.TempPathFactory):
+    """A directory with the data and the model factories; the environment the workers need."""
+    root = make_dir(tmp_path_factory.mktemp("study"))
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ.update(env_for(root))
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def local_run(root: Path) -> Path:
+    """The tiny study (2 models x 3 settings x 2 attacks) run on the local executor, 2 worker processes."""
+    path = write_study(root, "tiny.toml", ["studynets:tiny_a", "studynets:tiny_b"], [0.1, 0.2])
+    rows = run_study(load_study(path), root / "local", workers=2, progress=False, report=False)
+    assert [r.state for r in rows] == ["done"] * 12, rows
+    return root / "local"
+
+

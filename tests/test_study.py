@@ -12,37 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from study_helpers import env_for, events, make_dir, per_example, write_study
+from study_helpers import events, local_run, per_example, root, write_study  # noqa: F401 - fixtures
 
 import robustify as rb
 from robustify.cli import main
 from robustify.jobs.study import StudyFileError, StudyLockedError, plan_study, study_status
 from robustify.jobs.study.state import controller_lock
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory):
-    """A directory with the data and the model factories; the environment the workers need."""
-    root = make_dir(tmp_path_factory.mktemp("study"))
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ.update(env_for(root))
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def local_run(root: Path) -> Path:
-    """The tiny study (2 models x 3 settings x 2 attacks) run on the local executor, 2 worker processes."""
-    path = write_study(root, "tiny.toml", ["studynets:tiny_a", "studynets:tiny_b"], [0.1, 0.2])
-    rows = rb.run_study(rb.load_study(path), root / "local", workers=2, progress=False, report=False)
-    assert [r.state for r in rows] == ["done"] * 12, rows
-    return root / "local"
 
 
 def _evaluate_argv(cell, out: Path) -> list[str]:

@@ -58,7 +58,16 @@ def run_step(step: Step, state_dir: str | Path, deps: list[Step] | None = None) 
     reason = _dependency_failure(state_dir, deps or [])
     if reason is not None:
         return skip_step(state_dir, step, reason)
+    from robustify.core import distributed
+
+    if not distributed.is_main():  # another rank of a multi-GPU step: the first one keeps the records
+        _run(step)
+        return {}
     slurm = {k.lower(): os.environ[k] for k in SLURM_VARS if k in os.environ}
+    if "slurm_job_id" in slurm:  # as squeue shows it (an array task: JOB_TASK)
+        array = ("slurm_array_job_id", "slurm_array_task_id")
+        slurm["slurm_job"] = ("_".join(slurm[k] for k in array) if all(k in slurm for k in array)
+                              else slurm["slurm_job_id"])
     resumed = journal_batches(Path(step.job.out)) if step.kind != CALIBRATE else 0
     start = time.time()
     base = {"host": socket.gethostname(), "pid": os.getpid(), "started": start, "resumed_batches": resumed, **slurm}
