@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,26 @@ def test_second_controller_refused(root: Path, tmp_path: Path, capsys: pytest.Ca
         assert main(["study", "run", str(path), "--out", str(out), "--no-progress"]) == 2
         assert "another controller" in capsys.readouterr().err
     assert not (out / "results").exists()
+
+
+def test_leaderboard_study_recognises_the_committed_rows(tmp_path: Path) -> None:
+    """leaderboard/study.toml: each committed row is exactly one of its cells, done; the run runs nothing and
+    rebuilds the tables with the rows' settings ids unchanged."""
+    import pandas as pd
+
+    from robustify.jobs.study import report_study
+    from robustify.jobs.study.plan import result_mismatch
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = sorted(p.name for p in (repo / "leaderboard" / "results").iterdir() if (p / "result.json").is_file())
+    out = tmp_path / "leaderboard"
+    shutil.copytree(repo / "leaderboard" / "results", out / "results")
+    plan = plan_study(rb.load_study(repo / "leaderboard" / "study.toml"), out)
+    assert sorted(c.id for c in plan.cells) == committed
+    for cell in plan.cells:
+        assert result_mismatch(cell, json.loads((cell.out / "result.json").read_text())) is None, cell.id
+    rows = rb.run_study(repo / "leaderboard" / "study.toml", out, progress=False, report=False)
+    assert [r.state for r in rows] == ["done"] * len(committed) and events(out) == []
+    report_study(out, plots=False)
+    ids = pd.read_csv(out / "leaderboard.csv")["settings_id"].tolist()
+    assert sorted(ids) == sorted(pd.read_csv(repo / "leaderboard" / "leaderboard.csv")["settings_id"].tolist())

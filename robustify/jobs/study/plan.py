@@ -34,6 +34,7 @@ class Cell:
     attack: str
     settings: tuple[tuple[str, Any], ...]
     job: EvaluationJob
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def out(self) -> Path:
@@ -142,7 +143,7 @@ def plan_study(study: Study, out: str | Path) -> Plan:
                         raise StudyFileError(f"study file {study.path!r}: study.cell_dir: two cells are both "
                                              f"{cell_id!r}; put {{model}}, {{defense}} and {{attack}} in it")
                     cells.append(Cell(id=cell_id, model=model.name, defense=label, attack=attack.name,
-                                      settings=tuple(settings.items()), job=job))
+                                      settings=tuple(settings.items()), job=job, options=spec.options))
                     step_id = f"{EVALUATE}:{cell_id}"
                     steps[step_id] = Step(id=step_id, kind=EVALUATE, job=job, deps=deps, cell=cell_id)
     return Plan(study=study, out=out, cells=tuple(cells), steps=tuple(steps.values()))
@@ -192,11 +193,12 @@ def result_mismatch(cell: Cell, result: dict[str, Any]) -> str | None:
     skipped = set(meta.get("not_applicable", {}))
     if [a for a in asked if a not in skipped] != list(ran):
         return f"attacks {ran} ran, the cell asks for {asked}"
-    if job.defense_config is not None:
+    if job.defense_config is not None:  # the settings the file gives (a defense file brings the rest)
         recorded = _recorded_config(meta, job.defense_config)
         if recorded is not None:
             mine_cfg = json.loads(json.dumps(untagged(job.defense_config.to_dict())))
-            for k, v in mine_cfg.items():
-                if k in recorded and recorded[k] != v:
+            for k in dict((*cell.options, *cell.settings)):
+                v = mine_cfg.get(k)
+                if recorded.get(k) != v:
                     return f"defense setting {k} is {recorded[k]!r}, the cell's is {v!r}"
     return None

@@ -31,9 +31,10 @@ STUDY_FILE = "study.toml"
 def _todo(plan: Plan, retry_failed: bool) -> tuple[list[Step], list[Step]]:
     """The steps to run, and the failed ones kept as they are (without ``retry_failed``)."""
     todo, kept = [], []
+    needed = {d for s in plan.steps if s.kind == EVALUATE and not step_done(plan, s) for d in s.deps}
     for step in plan.steps:
-        if step_done(plan, step):
-            continue
+        if (step.kind == CALIBRATE and step.id not in needed) or step_done(plan, step):
+            continue  # done, or a calibration no unfinished cell needs
         record = read_record(plan.state_dir, step) or {}
         if record.get("state") == FAILED and not retry_failed:
             kept.append(step)
