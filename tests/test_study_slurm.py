@@ -85,3 +85,18 @@ def test_scancel_a_running_task_and_resume(root: Path, local_run: Path, tmp_path
     assert len(starts) == 2 and starts[0]["resumed_batches"] == 0 and starts[1]["resumed_batches"] >= 1
     assert per_example(cell / "result.json") == \
         per_example(local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")
+
+
+def test_cell_spanning_two_tasks(root: Path, local_run: Path, tmp_path: Path) -> None:
+    """A step with ``tasks = 2``: two Slurm tasks joined by torch.distributed (gloo on CPU) calibrate and evaluate
+    one cell; its per-example results equal the one-process run's."""
+    attacks = '\n[[attacks]]\nname = "ce"\nattacks = ["apgd-ce"]\napgd_iters = 2\nbatch_size = 4\n'
+    path = write_study(root, "two_tasks.toml", ["studynets:tiny_a"], [0.1], base=False,
+                       attacks=attacks + RESOURCES.replace("time = 10", "time = 10\ntasks = 2"))
+    out = tmp_path / "two_tasks"
+    rows = rb.run_study(path, out, executor="slurm", progress=False, report=False)
+    assert [r.state for r in rows] == ["done"]
+    logs = "".join(p.read_text() for p in (out / "study" / "slurm").rglob("*_log.*"))
+    assert "global_rank=1(2)" in logs
+    assert per_example(out / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json") == \
+        per_example(local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")

@@ -73,7 +73,9 @@ def _executor(plan: Plan, kind: str, n: int, dependency: str | None) -> Any:
                               "name": f"robustify-{kind}", "slurm_array_parallelism": max(n, 1)}
     if r.gpus:
         params["gpus_per_node"] = r.gpus
-        params["tasks_per_node"] = r.gpus  # one task per GPU, joined by torch.distributed
+    tasks = r.tasks or max(r.gpus, 1)
+    if tasks > 1:
+        params["tasks_per_node"] = tasks  # one process per GPU (or per task on CPU), joined by torch.distributed
     if r.partition:
         params["slurm_partition"] = r.partition
     if dependency:

@@ -28,7 +28,7 @@ A study file (TOML)::
     [resources.evaluate]                          # per step kind (calibrate, evaluate): Slurm resources
     time = 60                                     # minutes
     mem_gb = 8
-    gpus = 1
+    gpus = 2                                      # one task per GPU, joined by torch.distributed
     cpus = 4
     partition = "debug"
 
@@ -67,7 +67,7 @@ JOB_KEYS = ("data", "n_examples", "split", "holdout", "n_calib", "calib_batch_si
 STUDY_KEYS = (*JOB_KEYS, "name", "seed", "cell_dir", "note")
 MODEL_KEYS = ("name", "model", "weights", "dataset", "threat_model", "data", "pretrained")
 DEFENSE_KEYS = ("defense", "name", "grid", "options", "weights", "calibration")
-RESOURCE_KEYS = ("time", "mem_gb", "gpus", "cpus", "partition", "nodes")
+RESOURCE_KEYS = ("time", "mem_gb", "gpus", "cpus", "partition", "nodes", "tasks")
 STEP_KINDS = ("calibrate", "evaluate")
 DEFAULT_CELL_DIR = "{model}/{defense}/{attack}"
 
@@ -121,7 +121,8 @@ class AttackSpec:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one step asks a Slurm cluster for (``time`` in minutes)."""
+    """What one step asks a Slurm cluster for (``time`` in minutes; ``cpus`` per task; ``tasks``: processes joined
+    by torch.distributed on the node, default one per GPU)."""
 
     time: int = 60
     mem_gb: float = 4
@@ -129,6 +130,7 @@ class Resources:
     cpus: int = 1
     partition: str | None = None
     nodes: int = 1
+    tasks: int | None = None
 
 
 @dataclass(frozen=True)

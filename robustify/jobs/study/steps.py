@@ -102,5 +102,8 @@ def _run(step: Step) -> None:
     from robustify.jobs.evaluate import run_evaluation
     from robustify.reporting.leaderboard import write_result_table
 
+    from robustify.core import distributed
+
     run_evaluation(job)
-    write_result_table(job.out)  # the one-row table next to result.json, as `robustify evaluate` writes it
+    if distributed.is_main():
+        write_result_table(job.out)  # the one-row table next to result.json, as `robustify evaluate` writes it
