@@ -34,7 +34,8 @@ ALPHAS = (0.1, 0.2)
 
 def _study(path: Path, args: argparse.Namespace) -> None:
     text = (f'[study]\ndata = "{args.data}"\nn_examples = {args.n}\nn_calib = {args.n_calib}\nseed = 0\n\n'
-            f'[[models]]\nname = "m"\nmodel = "{args.model}"\n' + (f'weights = "{args.weights}"\n' if args.weights else "")
+            f'[[models]]\nname = "m"\nmodel = "{args.model}"\n'
+            + (f'weights = "{args.weights}"\n' if args.weights else "")
             + '\n[[defenses]]\ndefense = "none"\n\n'
             f'[[defenses]]\ndefense = "meansparse"\ngrid = {{ alpha = {list(ALPHAS)} }}\n\n')
     for name, attacks in ATTACKS.items():

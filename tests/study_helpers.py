@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from robustify.jobs.study import load_study, run_study
 
 import pytest
 from tinynets import write_labelled_npz
@@ -92,9 +91,9 @@ def events(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-# fixtures (import them into a test module)
+# fixtures (conftest.py imports them)
 @pytest.fixture(scope="session")
-def root(tmp_path_factory: pytest.TempPathFactory):
+def study_root(tmp_path_factory: pytest.TempPathFactory):
     """A directory with the data and the model factories; the environment the workers need."""
     root = make_dir(tmp_path_factory.mktemp("study"))
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
@@ -110,8 +109,11 @@ def root(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def local_run(root: Path) -> Path:
+def study_local_run(study_root: Path) -> Path:
     """The tiny study (2 models x 3 settings x 2 attacks) run on the local executor, 2 worker processes."""
+    from robustify.jobs.study import load_study, run_study
+
+    root = study_root
     path = write_study(root, "tiny.toml", ["studynets:tiny_a", "studynets:tiny_b"], [0.1, 0.2])
     rows = run_study(load_study(path), root / "local", workers=2, progress=False, report=False)
     assert [r.state for r in rows] == ["done"] * 12, rows

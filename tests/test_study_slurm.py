@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from study_helpers import events, local_run, per_example, root, write_study  # noqa: F401 - fixtures
+from study_helpers import events, per_example, write_study
 
 import robustify as rb
 from robustify.jobs.study import plan_study
@@ -42,25 +42,31 @@ def cluster_up() -> None:
         pytest.skip(f"the Slurm node is not up (sinfo: {out}): `bash .ci/slurm.sh start`")
 
 
-def test_tiny_study_on_slurm_matches_local(root: Path, local_run: Path) -> None:
+def test_tiny_study_on_slurm_matches_local(study_root: Path, study_local_run: Path) -> None:
     """(a) The tiny study (2 models x 3 settings x 2 attacks) on Slurm: per example as on the local executor."""
-    text = (root / "tiny.toml").read_text() + RESOURCES
-    path = root / "tiny_slurm.toml"
+    text = (study_root / "tiny.toml").read_text() + RESOURCES
+    path = study_root / "tiny_slurm.toml"
     path.write_text(text)
-    out = root / "slurm"
-    rows = rb.run_study(path, out, executor="slurm", progress=False, report=False)
+    out = study_root / "slurm"
+    rows = rb.run_study(path, out, executor="slurm", progress=False, report=False, resources={"partition": "debug"})
     assert [r.state for r in rows] == ["done"] * 12, rows
+    scripts = [p.read_text() for p in (out / "study" / "slurm").rglob("*_submission.sh")]
+    assert len(scripts) == 2  # one array of calibrations, one of evaluations after it
+    assert all("#SBATCH --partition=debug" in t and "#SBATCH --cpus-per-task=1" in t for t in scripts)
+    assert sum("#SBATCH --dependency=afterany:" in t for t in scripts) == 1
     for cell in plan_study(rb.load_study(path), out).cells:
-        assert per_example(cell.out / "result.json") == per_example(local_run / "results" / cell.id / "result.json")
+        reference = study_local_run / "results" / cell.id / "result.json"
+        assert per_example(cell.out / "result.json") == per_example(reference)
     starts = [e for e in events(out) if e["event"] == "start"]
     assert all("slurm_job" in e for e in starts) and sum(e["kind"] == "calibrate" for e in starts) == 2
 
 
-def test_scancel_a_running_task_and_resume(root: Path, local_run: Path, tmp_path: Path) -> None:
+def test_scancel_a_running_task_and_resume(study_root: Path, study_local_run: Path, tmp_path: Path) -> None:
     """(b) scancel of a running array task: the controller records it interrupted; the rerun resumes its journal and
     ends identical to the uninterrupted run."""
     attacks = '\n[[attacks]]\nname = "ce"\nattacks = ["apgd-ce"]\napgd_iters = 2\nbatch_size = 2\n'
-    path = write_study(root, "slow_slurm.toml", ["studynets:slow_a"], [0.1], attacks=attacks + RESOURCES, base=False)
+    path = write_study(study_root, "slow_slurm.toml", ["studynets:slow_a"], [0.1], attacks=attacks + RESOURCES,
+                       base=False)
     out = tmp_path / "slow"
     env = {**os.environ, "STUDY_TEST_DELAY": "0.2"}
     proc = subprocess.Popen([sys.executable, "-m", "robustify", "study", "run", str(path), "--out", str(out),
@@ -84,14 +90,14 @@ def test_scancel_a_running_task_and_resume(root: Path, local_run: Path, tmp_path
     starts = [e for e in events(out) if e["step"] == "evaluate:slow_a/meansparse_0.1/ce" and e["event"] == "start"]
     assert len(starts) == 2 and starts[0]["resumed_batches"] == 0 and starts[1]["resumed_batches"] >= 1
     assert per_example(cell / "result.json") == \
-        per_example(local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")
+        per_example(study_local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")
 
 
-def test_cell_spanning_two_tasks(root: Path, local_run: Path, tmp_path: Path) -> None:
+def test_cell_spanning_two_tasks(study_root: Path, study_local_run: Path, tmp_path: Path) -> None:
     """A step with ``tasks = 2``: two Slurm tasks joined by torch.distributed (gloo on CPU) calibrate and evaluate
     one cell; its per-example results equal the one-process run's."""
     attacks = '\n[[attacks]]\nname = "ce"\nattacks = ["apgd-ce"]\napgd_iters = 2\nbatch_size = 4\n'
-    path = write_study(root, "two_tasks.toml", ["studynets:tiny_a"], [0.1], base=False,
+    path = write_study(study_root, "two_tasks.toml", ["studynets:tiny_a"], [0.1], base=False,
                        attacks=attacks + RESOURCES.replace("time = 10", "time = 10\ntasks = 2"))
     out = tmp_path / "two_tasks"
     rows = rb.run_study(path, out, executor="slurm", progress=False, report=False)
@@ -99,4 +105,4 @@ def test_cell_spanning_two_tasks(root: Path, local_run: Path, tmp_path: Path) ->
     logs = "".join(p.read_text() for p in (out / "study" / "slurm").rglob("*_log.*"))
     assert "global_rank=1(2)" in logs
     assert per_example(out / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json") == \
-        per_example(local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")
+        per_example(study_local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")

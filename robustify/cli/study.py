@@ -25,6 +25,12 @@ def _args(p: argparse.ArgumentParser) -> None:
                      help="local worker processes on CPU (default 1; on CUDA: one per visible GPU; 0: the steps run "
                           "in this process)")
     run.add_argument("--retry-failed", action="store_true", help="rerun the failed steps (and what they skipped)")
+    slurm = run.add_argument_group("Slurm resources (override the file's [resources.*] for every step)")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", type=int, default=None, help="minutes per step")
+    slurm.add_argument("--mem-gb", type=float, default=None)
+    slurm.add_argument("--gpus", type=int, default=None, help="GPUs per step (one task each)")
+    slurm.add_argument("--cpus", type=int, default=None, help="CPUs per task")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a bar over cells")
     status = sub.add_parser("status", help="one row per cell: state, time, journal passes, error")
     status.add_argument("dir", help="the study directory")
@@ -56,8 +62,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"  {EVALUATE}:{cell.id}" + (f" after {', '.join(deps)}" if deps else ""))
         return 0
     if args.study_command == "run":
+        resources = {"partition": args.partition, "time": args.time, "mem_gb": args.mem_gb, "gpus": args.gpus,
+                     "cpus": args.cpus}
         rows = run_study(args.file, args.out, args.executor, workers=args.workers, retry_failed=args.retry_failed,
-                         progress=args.progress)
+                         progress=args.progress, resources=resources)
         _print_status(rows)
         return 0 if all(r.state == "done" for r in rows) else 1
     if args.study_command == "status":

@@ -79,7 +79,8 @@ def worker_count(plan: Plan, workers: int | None) -> tuple[int, list[int] | None
     return max(1, workers or 1), None
 
 
-def run_local(plan: Plan, todo: list[Step], workers: int | None, on_end: Callable[[Step, dict[str, Any]], None]) -> None:
+def run_local(plan: Plan, todo: list[Step], workers: int | None,
+              on_end: Callable[[Step, dict[str, Any]], None]) -> None:
     """Run the steps of ``todo`` (each after its dependencies in ``todo``), calling ``on_end(step, record)`` as each
     ends; a failed step skips its dependents with its error."""
     n, gpus = worker_count(plan, workers)

@@ -78,15 +78,18 @@ def run_study(
     retry_failed: bool = False,
     progress: bool = True,
     report: bool = True,
+    resources: dict[str, Any] | None = None,
 ) -> list[CellState]:
     """Run every cell of ``study`` not done yet (results in ``<out_dir>/results/<cell>/``), on ``executor``
-    (``local``: worker processes, ``workers`` of them on CPU (0: in this process), one per GPU on CUDA; ``slurm``: job arrays through
-    submitit); a failed step records its one-line error and skips its dependents. Rebuilds the leaderboard in
-    ``out_dir`` (``report``). Returns each cell's state."""
+    (``local``: worker processes, ``workers`` of them on CPU (0: in this process), one per GPU on CUDA;
+    ``slurm``: job arrays through submitit); a failed step records its one-line error and skips its dependents.
+    Rebuilds the leaderboard in ``out_dir`` (``report``). ``resources`` (:class:`~robustify.jobs.study.spec.Resources` fields) override the
+    file's for every step. Returns each cell's state."""
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; choose from {list(EXECUTORS)}")
     if not isinstance(study, Study):
         study = load_study(study)
+    study = study.with_resources(**(resources or {}))
     plan = plan_study(study, out_dir)
     with controller_lock(plan.state_dir):
         _keep_study_file(plan)

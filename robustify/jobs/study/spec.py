@@ -151,6 +151,14 @@ class Study:
     def resources_for(self, kind: str) -> Resources:
         return dict(self.resources).get(kind, Resources())
 
+    def with_resources(self, **overrides: Any) -> Study:
+        """The study with ``overrides`` (Resources fields; None: keep) applied to every step kind's resources."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if not changes:
+            return self
+        return dataclasses.replace(self, resources=tuple(
+            (kind, dataclasses.replace(self.resources_for(kind), **changes)) for kind in STEP_KINDS))
+
 
 def load_study(path: str | Path) -> Study:
     """Read and check the study file ``path`` (one-line :class:`StudyFileError` naming the key otherwise)."""
@@ -208,7 +216,8 @@ def _slug(text: str) -> str:
 def _model(entry: Any, path: str, key: str) -> ModelSpec:
     t = _table(entry, path, key, MODEL_KEYS)
     if "model" not in t:
-        raise _fail(path, f"{key}.model", "missing (robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function)")
+        raise _fail(path, f"{key}.model",
+                    "missing (robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function)")
     for k in ("name", "model", "weights", "dataset", "threat_model", "data"):
         if k in t:
             _typed(t[k], str, path, f"{key}.{k}")
@@ -306,7 +315,8 @@ def parse_study(data: Mapping[str, Any], path: str = "<study>") -> Study:
     head = _table(data.get("study", {}), path, "study", STUDY_KEYS)
     for k, types in (("name", str), ("data", str), ("n_examples", int), ("split", str), ("holdout", int),
                      ("n_calib", int), ("calib_batch_size", int), ("workers", int), ("device", str),
-                     ("cache_dir", str), ("compile", bool), ("precision", str), ("seed", int), ("cell_dir", str), ("note", str)):
+                     ("cache_dir", str), ("compile", bool), ("precision", str), ("seed", int), ("cell_dir", str),
+                     ("note", str)):
         if k in head:
             _typed(head[k], types, path, f"study.{k}")
     if head.get("n_examples", 1) < 1:
