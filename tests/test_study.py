@@ -78,6 +78,8 @@ def test_kill_controller_and_resume(study_root: Path, study_local_run: Path, tmp
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (journal.parent / "result.json").exists()
+    state = {r.cell: r for r in study_status(out)}["slow_a/meansparse_0.1/ce"]
+    assert state.state == "interrupted" and state.passes >= 1
     rows = rb.run_study(path, out, workers=0, progress=False, report=False)  # the worker died with it: no lock left
     assert [r.state for r in rows] == ["done"]
     starts = [e for e in events(out) if e["step"] == "evaluate:slow_a/meansparse_0.1/ce" and e["event"] == "start"]

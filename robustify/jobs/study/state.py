@@ -25,8 +25,8 @@ from robustify.defenses.file import read_sidecar
 from robustify.evaluation.journal import JOURNAL_FILE
 from robustify.jobs.study.plan import CALIBRATE, Cell, Plan, Step, result_mismatch
 
-__all__ = ["CellState", "StudyLockedError", "cell_states", "controller_lock", "journal_batches", "log_event",
-           "read_record", "step_done", "write_record"]
+__all__ = ["CellState", "StudyLockedError", "cell_states", "controller_lock", "controller_running", "journal_batches",
+           "log_event", "read_record", "step_done", "write_record"]
 
 LOCK_FILE = "controller.lock"
 EVENTS_FILE = "events.jsonl"
@@ -64,6 +64,22 @@ def controller_lock(state_dir: Path) -> Iterator[None]:
             lock.seek(0)
             lock.truncate()
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def controller_running(state_dir: Path) -> bool:
+    """Whether a controller holds the study's lock now."""
+    import fcntl
+
+    path = state_dir / LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def _record_path(state_dir: Path, step: Step) -> Path:
@@ -143,6 +159,7 @@ class CellState:
 def cell_states(plan: Plan) -> list[CellState]:
     """Each cell's state: done, failed, skipped, running, interrupted, partial (a journal, no record) or pending."""
     rows = []
+    alive = controller_running(plan.state_dir)
     for cell in plan.cells:
         step = plan.cell_step(cell)
         record = read_record(plan.state_dir, step) or {}
@@ -156,6 +173,8 @@ def cell_states(plan: Plan) -> list[CellState]:
         else:
             state = record.get("state") or (PARTIAL if passes else PENDING)
             seconds, error = record.get("seconds"), record.get("error", "")
+            if state == RUNNING and not alive and "slurm_job" not in record:  # its controller (and workers) died
+                state, error = INTERRUPTED, "its controller stopped: rerun to resume"
             if result is not None and state == PENDING:
                 state, error = FAILED, f"its directory holds another evaluation ({result_mismatch(cell, result)})"
         rows.append(CellState(cell=cell.id, state=state, seconds=seconds, passes=passes, error=error))
