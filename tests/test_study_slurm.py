@@ -106,3 +106,24 @@ def test_cell_spanning_two_tasks(study_root: Path, study_local_run: Path, tmp_pa
     assert "global_rank=1(2)" in logs
     assert per_example(out / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json") == \
         per_example(study_local_run / "results" / "tiny_a" / "meansparse_0.1" / "ce" / "result.json")
+
+
+def test_rerun_waits_for_the_jobs_a_killed_controller_submitted(study_root: Path, tmp_path: Path) -> None:
+    """kill -9 of the controller after it submitted: the rerun waits for the queued jobs, submits nothing again."""
+    attacks = '\n[[attacks]]\nname = "ce"\nattacks = ["apgd-ce"]\napgd_iters = 2\nbatch_size = 2\n'
+    path = write_study(study_root, "reattach.toml", ["studynets:slow_a"], [0.1], attacks=attacks + RESOURCES,
+                       base=False)
+    out = tmp_path / "reattach"
+    env = {**os.environ, "STUDY_TEST_DELAY": "0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "robustify", "study", "run", str(path), "--out", str(out),
+                             "--executor", "slurm", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(e["event"] == "submitted" for e in events(out)) < 2:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    rows = rb.run_study(path, out, executor="slurm", progress=False, report=False)
+    assert [r.state for r in rows] == ["done"]
+    submitted = [e["step"] for e in events(out) if e["event"] == "submitted"]
+    assert len(submitted) == 2 and len(set(submitted)) == 2  # the calibration and the evaluation, once each

@@ -95,7 +95,7 @@ def run_study(
         _keep_study_file(plan)
         todo, kept = _todo(plan, retry_failed)
         todo = _skip_dependents(plan, todo, kept)
-        n_done = len(plan.cells) - sum(s.kind == EVALUATE for s in todo) - sum(s.kind == EVALUATE for s in kept)
+        n_done = sum(step_done(plan, plan.cell_step(c)) for c in plan.cells)
         logger.info("study %s: %d cell(s), %d done, %d to run, %d failed (kept; --retry-failed reruns them)",
                     study.name, len(plan.cells), n_done, sum(s.kind == EVALUATE for s in todo),
                     sum(s.kind == EVALUATE for s in kept))
