@@ -42,6 +42,7 @@ from robustify.evaluation.results import EvalResult, load_result
 from robustify.reporting.leaderboard import write_leaderboard
 from robustify.jobs.evaluate import EvaluationJob, run_evaluation
 from robustify.jobs.sweep import sweep
+from robustify.jobs.study import load_study, run_study
 from robustify.jobs.train import TrainConfig, train_defense
 from robustify.core.plugins import load_plugins as _load_plugins
 
@@ -74,10 +75,12 @@ __all__ = [
     "load_defense",
     "load_model",
     "load_result",
+    "load_study",
     "loader",
     "parse_eps",
     "register_activation",
     "register_defense",
+    "run_study",
     "remove_defense",
     "run_evaluation",
     "save_defense",
