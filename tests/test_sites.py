@@ -276,6 +276,10 @@ def test_untraceable_wrapper_traces_its_parts_one_by_one() -> None:
         assert torch.equal(prepared(x + 3), model(x + 3))  # the other branch still runs as written
     assert calls == Counter({s.name: 2 for s in sites}) + Counter(["parts.0.relu_0", "parts.0.act_0", "parts.0.act_1",
                                                                    "top_0"])
+    prepared.top_1 = nn.Identity()  # a defense replacing one call's module changes that call only
+    with torch.no_grad():
+        y = model.top(model.parts[0](x) + model.parts[1](x)) - 0.5
+        assert torch.equal(prepared(x), model.head(y.mean((2, 3))))
     # the input model is untouched
     assert type(model.parts[0]) is _Branchy.Part and type(model.top) is nn.ReLU
     assert not any(isinstance(m, nn.ReLU) for m in model.parts.modules()) and not model._forward_pre_hooks

@@ -420,30 +420,35 @@ def _rewrite(module: nn.Module, opaque: set[int], graphs: dict[int, tuple[fx.Tra
 class PerCall(nn.Module):
     """Stands in for an activation module that a forward FX could not trace calls several times: the
     ``k``-th call in one forward of its owner (the module holding it, whose forward pre-hook resets the
-    count) runs ``copies[k]``, a parameter-sharing copy registered in the owner as ``<name>_<k>``, so that
-    each call is its own site. More calls than copies in one forward of the owner is an error."""
+    count and hands itself over) runs the owner's child ``calls[k]``, a parameter-sharing copy named
+    ``<name>_<k>``, so that each call is its own site (a defense may replace that child). More calls than
+    copies in one forward of the owner is an error."""
 
-    def __init__(self, name: str, copies: Sequence[nn.Module]) -> None:
+    def __init__(self, name: str, calls: Sequence[str]) -> None:
         super().__init__()
         self.name = name
-        self.copies = list(copies)  # a plain list: the copies are the owner's submodules
+        self.calls = list(calls)  # names of the owner's children, looked up at each call
         self.next = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         k = self.next
-        if k >= len(self.copies):
-            raise RuntimeError(f"activation {self.name!r} was called more than the {len(self.copies)} times per "
+        if k >= len(self.calls):
+            raise RuntimeError(f"activation {self.name!r} was called more than the {len(self.calls)} times per "
                                "forward of its owner seen when its calls were separated")
+        owner = self.__dict__.get("_owner")  # a plain attribute (not a submodule), set by the owner's pre-hook
+        if owner is None:
+            raise RuntimeError(f"activation {self.name!r} was called outside its owner's forward")
         self.next = k + 1
-        return self.copies[k](*args, **kwargs)
+        return owner._modules[self.calls[k]](*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, {len(self.copies)} calls"
+        return f"{self.name!r}, calls {self.calls}"
 
 
 def _reset_calls(dispatchers: list[PerCall], module: nn.Module, args: Any) -> None:
     for d in dispatchers:
         d.next = 0
+        d.__dict__["_owner"] = module
 
 
 def _calls_per_owner_forward(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
@@ -487,14 +492,14 @@ def _separate_shared_calls(model: nn.Module, example: torch.Tensor) -> nn.Module
                 parent._modules[part]._robustify_copy = True
             parent = parent._modules[part]
         source = parent._modules[attr]
-        copies = []
+        calls: list[str] = []
         for i in itertools.count():
-            if len(copies) == k:
+            if len(calls) == k:
                 break
             if f"{attr}_{i}" not in parent._modules and not hasattr(parent, f"{attr}_{i}"):
-                copies.append(_parameter_sharing_copy(source))
-                parent._modules[f"{attr}_{i}"] = copies[-1]
-        parent._modules[attr] = PerCall(name, copies)
+                calls.append(f"{attr}_{i}")
+                parent._modules[calls[-1]] = _parameter_sharing_copy(source)
+        parent._modules[attr] = PerCall(name, calls)
         owners.setdefault(owner_path, []).append(parent._modules[attr])
     for owner_path, dispatchers in owners.items():
         owner = result.get_submodule(owner_path) if owner_path else result
