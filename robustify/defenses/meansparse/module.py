@@ -641,6 +641,6 @@ def capture_site_inputs(model: nn.Module) -> contextlib.AbstractContextManager[d
 
 def in_band(model: nn.Module, site: str, z: torch.Tensor) -> torch.Tensor:
     """The units of ``z`` (the input of MeanSparse ``site``) inside its band ``|z - mean| < crop``:
-    replaced by the mean, their gradient is zero. Thresholds in ``z``'s dtype, as the forward's."""
+    replaced by the mean, their gradient is zero. Tested as the forward does (:meth:`MeanSparse.thresholds_like`)."""
     mean, crop = meansparse_modules(model)[site].thresholds_like(z)
     return (z - mean).abs() < crop
