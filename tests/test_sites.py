@@ -246,17 +246,22 @@ class _Branchy(nn.Module):
             x = F.relu(self.conv1(x))
             return self.act(self.conv2(self.act(x)))
 
+    class Gate(nn.Module):  # no submodules, a functional activation of its own
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * F.silu(x.mean(1, keepdim=True))
+
     def __init__(self) -> None:
         super().__init__()
         self.parts = nn.ModuleList([self.Part(), self.Part()])
         self.top = nn.ReLU()
+        self.gate = self.Gate()
         self.head = nn.Linear(6, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.mean() > 2:  # data-dependent control flow: torch.fx cannot trace this forward
             return self.head(self.top(self.parts[0](x)).mean((2, 3)))
         y = self.top(self.parts[0](x) + self.parts[1](x)) - 0.5
-        return self.head(self.top(y).mean((2, 3)))
+        return self.head(self.gate(self.top(y)).mean((2, 3)))
 
 
 def test_untraceable_wrapper_traces_its_parts_one_by_one() -> None:
@@ -265,8 +270,8 @@ def test_untraceable_wrapper_traces_its_parts_one_by_one() -> None:
     prepared = modularize(model, x)
     sites = plan_sites(prepared, x)
     assert [s.name for s in sites] == [f"parts.{i}.{n}" for i in (0, 1) for n in ("relu_0", "act_0", "act_1")] + [
-        "top_0", "top_1"]
-    assert [s.channels for s in sites] == [4, 4, 6, 4, 4, 6, 6, 6]
+        "top_0", "top_1", "gate.silu_0"]
+    assert [s.channels for s in sites] == [4, 4, 6, 4, 4, 6, 6, 6, 1]
     calls = Counter()
     for s in sites:
         prepared.get_submodule(s.name).register_forward_pre_hook(lambda m, a, name=s.name: calls.update([name]))
@@ -279,7 +284,7 @@ def test_untraceable_wrapper_traces_its_parts_one_by_one() -> None:
     prepared.top_1 = nn.Identity()  # a defense replacing one call's module changes that call only
     with torch.no_grad():
         y = model.top(model.parts[0](x) + model.parts[1](x)) - 0.5
-        assert torch.equal(prepared(x), model.head(y.mean((2, 3))))
+        assert torch.equal(prepared(x), model.head(model.gate(y).mean((2, 3))))
     # the input model is untouched
     assert type(model.parts[0]) is _Branchy.Part and type(model.top) is nn.ReLU
     assert not any(isinstance(m, nn.ReLU) for m in model.parts.modules()) and not model._forward_pre_hooks

@@ -286,11 +286,17 @@ def _traceable_parts(model: nn.Module) -> tuple[set[int], dict[int, tuple[fx.Tra
             return exc
         return None
 
+    def searchable(child: nn.Module) -> bool:
+        """Whether ``child`` may hold activation calls of its own: not an activation, not known opaque, and a
+        container or a class of its own (torch.nn's leaf layers have none)."""
+        return not is_activation(child) and id(child) not in opaque and (
+            bool(child._modules) or not type(child).__module__.startswith("torch.nn."))
+
     def visit(module: nn.Module, path: str) -> None:
         if trace(module) is None:
             return
         for name, child in module.named_children():
-            if not is_activation(child) and id(child) not in opaque and list(child.children()):
+            if searchable(child):
                 visit(child, f"{path}.{name}" if path else name)
         error = trace(module)
         if error is not None:
@@ -307,7 +313,7 @@ def _traceable_parts(model: nn.Module) -> tuple[set[int], dict[int, tuple[fx.Tra
                 opaque.add(id(child))
                 graphs.pop(id(child), None)
                 for grandchild in child.children():
-                    if not is_activation(grandchild) and id(grandchild) not in opaque and list(grandchild.children()):
+                    if searchable(grandchild):
                         visit(grandchild, "")
                 open_containers(child)
 
