@@ -26,4 +26,5 @@ def _budget(config: AttackConfig) -> dict[str, Any]:
 
 
 register_attack(AttackSpec(name="apgd-t", kind="white-box", build=pyautoattack_factory("apgd-t", _run), budget=_budget,
-                           budget_fields=("apgd_t_iters", "apgd_t_targets"), standard=True, autoattack=True))
+                           budget_fields=("apgd_t_iters", "apgd_t_targets"), standard=True, autoattack=True,
+                           eot=True))

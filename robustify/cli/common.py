@@ -39,7 +39,8 @@ def register_command(
 # ------------------------------------------------------------------------------------------
 # shared argument groups
 # ------------------------------------------------------------------------------------------
-MODEL_FLAGS = ConfigFlags(EvaluationJob, ("dataset", "threat_model", "weights", "pretrained", "cache_dir", "device"),
+MODEL_FLAGS = ConfigFlags(EvaluationJob, ("dataset", "threat_model", "weights", "pretrained", "image_size", "new_head",
+                                          "cache_dir", "device"),
                           choices={"threat_model": ("Linf", "L2", "corruptions")})
 DATA_FLAGS = ConfigFlags(EvaluationJob, ("data", "holdout", "n_calib", "workers"))
 WORKERS_FLAGS = ConfigFlags(EvaluationJob, ("workers",))

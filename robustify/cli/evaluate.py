@@ -18,7 +18,8 @@ import torch
 
 from robustify.core.errors import UserError
 from robustify.core import distributed
-from robustify.attacks import AttackConfig, threat_norm
+from robustify.attacks import DEFAULT_ATTACKS as DEFAULT_ATTACK_LIST
+from robustify.attacks import AttackConfig, default_attacks, threat_norm
 from robustify.evaluation.audit import AuditConfig
 from robustify.jobs.audit import audit_job
 from robustify.core.config import format_eps
@@ -39,7 +40,8 @@ logger = logging.getLogger("robustify")
 
 __all__ = ["DEFAULT_ATTACKS", "attack_config", "audit_config", "job_from_args"]
 
-#: the attacks of ``evaluate`` and ``audit`` (those needing a defense hook run only where a defense offers it)
+#: the attacks of ``evaluate`` and ``audit`` (those needing a defense hook run only where a defense offers it; those
+#: without a version for the norm are left out, :func:`~robustify.attacks.default_attacks`)
 DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"
 #: the defaults of ``sweep`` that differ from an evaluation's
 SWEEP_DEFAULTS: dict[str, Any] = {"n_examples": 200, "holdout": 500, "attacks": "apgd-ce,bpda"}
@@ -49,7 +51,7 @@ RUN_DEFAULTS = {"model": "aa-resnet18", "n_examples": 100, "n_calib": 5000, "out
 ATTACK_FLAGS = ConfigFlags(
     AttackConfig, ("attacks", "eps", "seed", "batch_size", "individual", "apgd_iters", "apgd_restarts", "apgd_t_iters",
                    "apgd_t_targets", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
-                   "adaptive_lambda", "adaptive_step_size"),
+                   "adaptive_lambda", "adaptive_step_size", "eot_iter", "accept_no_eot"),
     names={"batch_size": "attack-batch-size"}, parse={"attacks": comma_list})
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",
@@ -71,13 +73,20 @@ SWEEP_DEFAULTS["defense"] = _default_defense("setting")
 
 def add_attack_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     g = p.add_argument_group("attacks")
-    ATTACK_FLAGS.add(g, {"attacks": DEFAULT_ATTACKS, **(defaults or {})})
+    ATTACK_FLAGS.add(g, {"attacks": None, **(defaults or {})})
+    attacks = next(a for a in g._group_actions if a.dest == ATTACK_FLAGS.dest("attacks"))
+    if attacks.default is None:
+        attacks.help = (attacks.help or "").replace(
+            " (None:", " (default:").replace(", ".join(DEFAULT_ATTACK_LIST), DEFAULT_ATTACKS)
     g.add_argument("--norm", default=None, help="Linf, L2 or L1 (default: the --threat-model)")
 
 
 def attack_config(args: argparse.Namespace) -> AttackConfig:
-    return AttackConfig(norm=args.norm or threat_norm(args.threat_model), dataset=args.dataset,
-                        **ATTACK_FLAGS.values(args))
+    norm = args.norm or threat_norm(args.threat_model)
+    values = ATTACK_FLAGS.values(args)
+    if values["attacks"] is None:  # not given: the defaults that support the norm (no adaptive under L1)
+        values["attacks"] = default_attacks(norm, DEFAULT_ATTACKS)
+    return AttackConfig(norm=norm, dataset=args.dataset, **values)
 
 
 def _add_job_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
@@ -214,7 +223,8 @@ def _check_identity(job: EvaluationJob) -> None:
     if defense.set_setting is None:
         return
     base, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=job.weights,
-                            pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
+                            pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device,
+                            image_size=job.image_size, new_head=job.new_head)
     x, _ = to_tensors(load_model_data(job.data, "test", info, n=min(16, job.n_examples), cache_dir=job.cache_dir),
                       workers=job.workers)
     x = x.to(job.device)

@@ -111,8 +111,13 @@ def _requested(result: dict[str, Any]) -> set[str]:
     return set(result["config"]["attacks"]) | set(skipped)
 
 
+#: config keys that follow the model, not the user's budget: a random defense is attacked with EoT
+#: (``eot_iter``) where its deterministic base is not, and is still paired with it
+_PER_MODEL = ("attacks", "eot_iter", "accept_no_eot")
+
+
 def _budget(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in untagged(result["config"]).items() if k != "attacks"}
+    return {k: v for k, v in untagged(result["config"]).items() if k not in _PER_MODEL}
 
 
 def same_examples(a: dict[str, Any], b: dict[str, Any]) -> str | None:

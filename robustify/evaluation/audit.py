@@ -39,7 +39,7 @@ from torch import nn
 
 from robustify.core.errors import UserError
 from robustify.attacks import AttackConfig, attack_names, build_attack
-from robustify.evaluation.engine import _attack_batch, _chunks, _parameters_frozen, _predict
+from robustify.evaluation.engine import _attack_batch, _batch_seed, _chunks, _parameters_frozen, _predict
 from robustify.core.config import SerializableConfig
 from robustify.core.io import write_json
 from robustify.defenses.registry import blocked, site_inputs, straight_through, with_hook
@@ -112,10 +112,15 @@ def _breaks(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, idx: 
     return broken, passes
 
 
-def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: Any) -> list[bool]:
-    """Whether the model classifies each example correctly (in batches of ``batch_size``)."""
-    return [bool(c) for chunk in _chunks(list(range(len(x))), batch_size)
-            for c in (_predict(model, x[chunk].to(device)).cpu() == y[chunk]).tolist()]
+def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: Any,
+                   seed: int | None = None) -> list[bool]:
+    """Whether the model classifies each example correctly (in batches of ``batch_size``); ``seed``: each batch
+    under the evaluation's seed for its clean batch (a random model then repeats the evaluation's draws)."""
+    out: list[bool] = []
+    for k, chunk in enumerate(_chunks(list(range(len(x))), batch_size)):
+        with _batch_seed(seed is not None, seed or 0, "clean", k, device):
+            out += [bool(c) for c in (_predict(model, x[chunk].to(device)).cpu() == y[chunk]).tolist()]
+    return out
 
 
 def check_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig, audit: AuditConfig,
@@ -250,9 +255,10 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: Eval
 
 def _check_same_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
                       device: Any) -> list[bool]:
-    """The audited model must classify the examples exactly as the evaluated one did; returns
-    their clean correctness."""
-    clean = _clean_correct(model, x, y, config.batch_size, device)
+    """The audited model must classify the examples exactly as the evaluated one did (a random model under
+    the evaluation's seeds); returns their clean correctness."""
+    seed = config.seed if (result.meta or {}).get("random_forward") else None
+    clean = _clean_correct(model, x, y, config.batch_size, device, seed)
     differ = sum(c != bool(e) for c, e in zip(clean, result.per_example["clean_correct"]))
     if differ:
         raise UserError(f"the audited model or examples differ from the evaluated ones: clean predictions "

@@ -13,6 +13,14 @@ the same final numbers: each batch reseeds its attack, and batches are formed fr
 journal alone. A partially written last line is ignored. ``<out>/result.json`` is written
 atomically at the end. A lock file refuses a second evaluation writing the same directory.
 
+A model whose forward is random (two forwards of one small batch differ:
+:func:`~robustify.attacks.eot.forward_is_random`, once per evaluation, recorded as ``random_forward`` in
+the result's ``meta``) is attacked with EoT (:func:`~robustify.attacks.eot.resolve_eot`: the config's
+``eot_iter`` in the result is the one used). Its numbers are then one draw, as AutoAttack's: clean accuracy
+is one forward per example, and an example counts as robust when the one forward that checks each attack's
+output classifies it correctly. Each batch of such a model runs under its own seed (from the config's seed,
+the phase and the batch), so a resumed run still gives the same numbers.
+
 The journal and lock are :mod:`robustify.evaluation.journal`; the result schema and its flags
 :mod:`robustify.evaluation.results`.
 """
@@ -24,6 +32,7 @@ import datetime
 import logging
 import platform
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +44,11 @@ from tqdm.auto import tqdm
 from robustify.core import distributed
 from robustify._version import __version__
 from robustify.attacks import AttackConfig, build_attack, make_autoattack
+from robustify.attacks.eot import DETECTION_BATCH, forward_is_random, resolve_eot
 from robustify.core.config import format_eps
 from robustify.evaluation.cost import PassCounter, summarise
 from robustify.load.data import validate_batch
-from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError
+from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError, UserError
 from robustify.core.io import atomic_path, write_json
 from robustify.evaluation.journal import JOURNAL_FILE, LOCK_FILE, Journal, data_fingerprint, locked
 from robustify.core.memory import split_on_oom
@@ -83,7 +93,8 @@ def _run_autoattack_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c
     from pyautoattack import checks
 
     aa_logger = logging.getLogger("auto-attack")
-    checks.check_randomized(model, x, y, bs=x.shape[0], logger=aa_logger)
+    if (config.eot_iter or 1) == 1:  # a random forward attacked with EoT: skipped, as by AutoAttack's rand version
+        checks.check_randomized(model, x, y, bs=x.shape[0], logger=aa_logger)
     n_cls = checks.check_range_output(model, x, logger=aa_logger)
     checks.check_dynamic(model, x, False, logger=aa_logger)
     aa = make_autoattack(model, config, x.device)
@@ -101,6 +112,22 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
 def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x).argmax(1)
+
+
+def _logit_width(model: nn.Module, x: torch.Tensor, num_classes: int | None) -> int:
+    """The model's number of classes, from one forward of the batch ``x``; checked against ``num_classes``
+    (the dataset's) when given, before anything is attacked."""
+    with torch.no_grad():
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"the model must return logits of shape (N, classes); for {x.shape[0]} image(s) it returned "
+                        f"{shape}")
+    width = int(logits.shape[1])
+    if num_classes is not None and width != num_classes:
+        raise UserError(f"the model has {width} logits but num_classes is {num_classes} (the dataset's classes): "
+                        "evaluate it with its own dataset")
+    return width
 
 
 def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, config: AttackConfig, attack: str) -> None:
@@ -149,19 +176,30 @@ def evaluate(
         meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
         source_model: the transfer attack's source (default: ``model`` with its defenses disabled, their
             ``disabled`` hook).
-        num_classes: to validate labels.
+        num_classes: the dataset's classes: the model's logits must have as many, and labels must be below.
+            The targeted attacks' target counts are capped at the model's classes - 1 (as recorded in the
+            result's config).
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
         keep_adversarial: keep the worst-case adversarial examples: per example, the input of the first attack
             (in the config's order) that broke it, else the clean input (``(N, C, H, W)``, what RobustBench's
             external evaluations ask for). In ``out_dir``: ``adversarial.pt`` (each attacked batch's broken
             rows are kept under ``adversarial/`` as it finishes, so a resumed run has them); always
             ``result.adversarial_examples``.
+
+    A model whose forward is random is attacked with EoT (see the module's documentation); the result's
+    config holds the ``eot_iter`` used and its ``meta`` ``random_forward``.
     """
     config = config or AttackConfig()
     meta = dict(meta or {})
     if x.shape[0] == 0:
         raise DataError("there are no examples to evaluate")
     validate_batch(x, y, num_classes, input_size=input_size)
+    model.eval()
+    with _parameters_frozen(model):
+        config = config.for_classes(_logit_width(model, x[: config.batch_size].to(device), num_classes))
+        random_forward = forward_is_random(model, x[:DETECTION_BATCH].to(device))
+    config = resolve_eot(config, random_forward)
+    meta["random_forward"] = random_forward
     n = x.shape[0]
     directory = Path(out_dir) if out_dir is not None else None
     header = {
@@ -171,7 +209,6 @@ def evaluate(
         "data_fingerprint": data_fingerprint(x, y),
         **({"keep_adversarial": True} if keep_adversarial else {}),  # a journal without them cannot resume this
     }
-    model.eval()
     logger.info("attacking %d example(s) at %s eps %s with %s", n, config.norm, format_eps(config.eps, config.norm),
                 ", ".join(config.attacks))
     main = distributed.is_main()
@@ -180,7 +217,7 @@ def evaluate(
         journal = Journal(directory, header, writer=main)
         try:
             store = _AdversarialStore(directory, main) if keep_adversarial else None
-            result = _run(model, x, y, config, journal, device, source_model, progress, store)
+            result = _run(model, x, y, config, journal, device, source_model, progress, random_forward, store)
         finally:
             journal.close()
     result.meta = meta
@@ -198,6 +235,19 @@ def evaluate(
         write_json(directory / RESULT_FILE, result.to_dict())
         logger.info("wrote %s", directory / RESULT_FILE)
     return result
+
+
+@contextlib.contextmanager
+def _batch_seed(seeded: bool, seed: int, phase: str, k: int, device: torch.device | str) -> Iterator[None]:
+    """With ``seeded``, run the block under torch's global generators seeded from (``seed``, ``phase``, batch
+    ``k``), restored afterwards: a random model's draws for a batch do not depend on the batches before it."""
+    if not seeded:
+        yield
+        return
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(zlib.crc32(f"{seed}:{phase}:{k}".encode()))
+        yield
 
 
 @contextlib.contextmanager
@@ -254,6 +304,7 @@ def _run(
     device: torch.device | str,
     source_model: nn.Module | None,
     progress: bool,
+    random_forward: bool = False,
     store: "_AdversarialStore | None" = None,
 ) -> EvalResult:
     n = x.shape[0]
@@ -261,7 +312,7 @@ def _run(
 
     def clean_batch(k: int, idx: list[int]) -> dict[str, Any]:
         start = time.perf_counter()
-        with PassCounter(model) as passes:
+        with PassCounter(model) as passes, _batch_seed(random_forward, config.seed, "clean", k, device):
             pred = _predict(model, x[idx].to(device)).cpu()
         return {"attack": "clean", "batch": k, "idx": idx, "broken": (pred != y[idx]).long().tolist(),
                 "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}
@@ -298,7 +349,9 @@ def _run(
 
         def attack_batch(k: int, idx: list[int], attack: Any = attack, name: str = name) -> dict[str, Any]:
             kept: list[torch.Tensor] | None = [] if store is not None else None
-            rec = _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,), keep=kept)
+            with _batch_seed(random_forward, config.seed, name, k, device):
+                rec = _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,),
+                                    keep=kept)
             if store is not None and kept:
                 rows = [i for i, b in enumerate(rec["broken"]) if b]
                 store.save(name, k, [idx[i] for i in rows], kept[0][rows])

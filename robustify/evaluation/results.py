@@ -95,6 +95,10 @@ def audit(result: EvalResult) -> list[str]:
     * ``bpda-beats-standard``: a straight-through (BPDA) attack breaks examples standard APGD did not.
     * ``adaptive-beats-standard``: the adaptive attack breaks examples standard attacks did not.
     * ``autoattack-checks``: one of AutoAttack's own checks fired (see ``aa_checks``).
+    * ``random-without-eot``: the model's forward is random (``meta["random_forward"]``) and no attack
+      averaged its gradients over several forwards (EoT: ``eot_iter`` 1, or only attacks without EoT such as
+      Square): its robust accuracy is an overestimate. (A random model's clean accuracy is one forward per
+      example, as AutoAttack's; an example is robust when the forward checking an attack's output is right.)
 
     What an attack is (white-box, black-box, straight-through, standard) is the attack registry's
     (:func:`robustify.attacks.attack_names`).
@@ -120,4 +124,14 @@ def audit(result: EvalResult) -> list[str]:
         flags.append("adaptive-beats-standard")
     if result.aa_checks:
         flags.append("autoattack-checks")
+    if _random_without_eot(result):
+        flags.append("random-without-eot")
     return flags
+
+
+def _random_without_eot(result: EvalResult) -> bool:
+    """The forward is random and no attack of the result ran with EoT (more than one forward per gradient)."""
+    if not (result.meta or {}).get("random_forward"):
+        return False
+    with_eot = _among(list(result.attack_acc), attack_names(eot=True))
+    return not with_eot or (result.config.get("eot_iter") or 1) < 2
