@@ -41,6 +41,7 @@ from robustify.evaluation.engine import evaluate
 from robustify.evaluation.results import EvalResult, load_result
 from robustify.reporting.leaderboard import write_leaderboard
 from robustify.jobs.evaluate import EvaluationJob, run_evaluation
+from robustify.jobs.export import ExportJob, export_robustbench
 from robustify.jobs.sweep import sweep
 from robustify.jobs.study import load_study, run_study
 from robustify.jobs.train import TrainConfig, train_defense
@@ -57,6 +58,7 @@ __all__ = [
     "DefenseOptions",
     "EvalResult",
     "EvaluationJob",
+    "ExportJob",
     "InsertionError",
     "ModelInfo",
     "ModelLoadError",
@@ -71,6 +73,7 @@ __all__ = [
     "calibrate",
     "defenses_disabled",
     "evaluate",
+    "export_robustbench",
     "load_data",
     "load_defense",
     "load_model",

@@ -47,7 +47,7 @@ class MaskPenaltyPGD(Attack):
     def _masks(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         with torch.no_grad(), site_inputs(self.model) as captured:
             self.model(x)
-        # in z's dtype, as the forward's (autocast too)
+        # tested as the forward tests its band (float32 for half inputs, autocast too)
         return {site: (captured[site].detach(), mask) for site, mask in blocked(self.model, captured).items()}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ ATTACK_FLAGS = ConfigFlags(
     choices={"apgd_t_targeting": TARGETINGS})
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",
-                    "progress", "compile", "precision"),
+                    "progress", "compile", "precision", "keep_adversarial"),
     choices={"precision": tuple(PRECISIONS)})
 AUDIT_FLAGS = ConfigFlags(AuditConfig, field_names(AuditConfig), prefix="audit-")
 RUN_FLAGS = {"job": ConfigFlags(EvaluationJob, ("model", "data", "n_examples", "n_calib", "out")),

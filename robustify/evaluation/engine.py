@@ -49,7 +49,7 @@ from robustify.core.config import format_eps
 from robustify.evaluation.cost import CHECKS, PassCounter, summarise
 from robustify.load.data import validate_batch
 from robustify.core.errors import DataError, EvaluationLockedError, JournalMismatchError, UserError
-from robustify.core.io import write_json
+from robustify.core.io import atomic_path, write_json
 from robustify.evaluation.journal import JOURNAL_FILE, LOCK_FILE, Journal, data_fingerprint, locked
 from robustify.core.memory import split_on_oom
 from robustify.evaluation.results import AUDIT_MARGIN, RESULT_FILE, EvalResult, audit, load_result
@@ -162,6 +162,7 @@ def evaluate(
     num_classes: int | None = None,
     input_size: tuple[int, ...] | None = None,
     progress: bool = True,
+    keep_adversarial: bool = False,
 ) -> EvalResult:
     """Attack ``model`` on ``(x, y)`` and return per-example and aggregate results.
 
@@ -179,6 +180,11 @@ def evaluate(
             The targeted attacks' target counts are capped at the model's classes - 1 (as recorded in the
             result's config).
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
+        keep_adversarial: keep the worst-case adversarial examples: per example, the input of the first attack
+            (in the config's order) that broke it, else the clean input (``(N, C, H, W)``, what RobustBench's
+            external evaluations ask for). In ``out_dir``: ``adversarial.pt`` (each attacked batch's broken
+            rows are kept under ``adversarial/`` as it finishes, so a resumed run has them); always
+            ``result.adversarial_examples``.
 
     A model whose forward is random is attacked with EoT (see the module's documentation); the result's
     config holds the ``eot_iter`` used and its ``meta`` ``random_forward``.
@@ -203,6 +209,7 @@ def evaluate(
         "meta": meta,
         "n_examples": n,
         "data_fingerprint": data_fingerprint(x, y),
+        **({"keep_adversarial": True} if keep_adversarial else {}),  # a journal without them cannot resume this
     }
     logger.info("attacking %d example(s) at %s eps %s with %s", n, config.norm, format_eps(config.eps, config.norm),
                 ", ".join(config.attacks))
@@ -211,7 +218,8 @@ def evaluate(
             _parameters_frozen(model, source_model):
         journal = Journal(directory, header, writer=main)
         try:
-            result = _run(model, x, y, config, journal, device, source_model, progress, random_forward, checked)
+            store = _AdversarialStore(directory, main) if keep_adversarial else None
+            result = _run(model, x, y, config, journal, device, source_model, progress, random_forward, checked, store)
         finally:
             journal.close()
     result.meta = meta
@@ -219,6 +227,12 @@ def evaluate(
     result.aa_checks = aa_warnings.messages
     result.flags = audit(result)
     result.finished = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    if store is not None:
+        result.adversarial_examples = store.worst
+        if directory is not None and main:
+            with atomic_path(directory / ADVERSARIAL_FILE) as tmp:
+                torch.save(store.worst, tmp)
+            result.adversarial = ADVERSARIAL_FILE
     if directory is not None and main:
         write_json(directory / RESULT_FILE, result.to_dict())
         logger.info("wrote %s", directory / RESULT_FILE)
@@ -294,9 +308,10 @@ def _run(
     progress: bool,
     random_forward: bool = False,
     checked: tuple[int, int, float] = (0, 0, 0.0),
+    store: "_AdversarialStore | None" = None,
 ) -> EvalResult:
-    """``checked``: forward and backward example-passes and seconds of the checks run before (the logit width, the randomness detection),
-    added to the ``checks`` phase with AutoAttack's own checks."""
+    """``checked``: forward and backward example-passes and seconds of the checks run before (the logit width,
+    the randomness detection), added to the ``checks`` phase with AutoAttack's own checks."""
     n = x.shape[0]
     seconds: dict[str, float] = {}
 
@@ -329,6 +344,8 @@ def _run(
                              checked[2] + time.perf_counter() - start, len(first))
 
     robust = correct.clone()
+    if store is not None:
+        store.start(x, correct)
     per_attack: dict[str, torch.Tensor] = {}
     acc: dict[str, float] = {}
     shared_aa = make_autoattack(model, config, device)
@@ -340,11 +357,19 @@ def _run(
         attacked = torch.zeros(n, dtype=torch.bool)
 
         def attack_batch(k: int, idx: list[int], attack: Any = attack, name: str = name) -> dict[str, Any]:
+            kept: list[torch.Tensor] | None = [] if store is not None else None
             with _batch_seed(random_forward, config.seed, name, k, device):
-                return _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,))
+                rec = _attack_batch(model, attack, x, y, idx, k, config, device, counted=(source_model,),
+                                    keep=kept)
+            if store is not None and kept:
+                rows = [i for i, b in enumerate(rec["broken"]) if b]
+                store.save(name, k, [idx[i] for i in rows], kept[0][rows])
+            return rec
 
         records = _run_phase(name, chunks, attack_batch, journal, progress)
         for rec in records:
+            if store is not None:
+                store.merge(name, rec["batch"], rec["idx"], rec["broken"])
             broken[rec["idx"]] = torch.tensor(rec["broken"], dtype=torch.bool)
             attacked[rec["idx"]] = True
             seconds[name] = seconds.get(name, 0.0) + rec["seconds"]
@@ -374,6 +399,64 @@ def _run(
 
 _oom_state: dict[str, dict[str, int]] = {}
 
+#: in an evaluation's directory: the worst-case adversarial examples (``keep_adversarial``), and each batch's
+ADVERSARIAL_FILE = "adversarial.pt"
+ADVERSARIAL_DIR = "adversarial"
+
+
+class _AdversarialStore:
+    """The worst-case adversarial examples of one evaluation, assembled batch by batch.
+
+    Each attacked batch's broken rows are written to ``adversarial/<attack>-<batch>.pt`` before the batch's
+    journal record (so a resumed run finds them; in memory without a directory); :meth:`merge` puts them into
+    :attr:`worst`, which starts as the clean inputs, for the examples no earlier attack broke.
+    """
+
+    def __init__(self, directory: Path | None, writer: bool) -> None:
+        self.directory = directory / ADVERSARIAL_DIR if directory is not None else None
+        self.writer = writer
+        self.memory: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = {}
+        self.worst = torch.empty(0)
+        self.assigned = torch.empty(0, dtype=torch.bool)
+
+    def start(self, x: torch.Tensor, correct: torch.Tensor) -> None:
+        self.worst = x.detach().cpu().clone()
+        self.assigned = ~correct  # misclassified clean inputs are their own worst case
+
+    def _path(self, attack: str, batch: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{attack}-{batch}.pt"
+
+    def save(self, attack: str, batch: int, idx: list[int], x_adv: torch.Tensor) -> None:
+        if self.directory is None:
+            self.memory[(attack, batch)] = (idx, x_adv)
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._path(attack, batch)) as tmp:
+            torch.save({"idx": idx, "x": x_adv}, tmp)
+
+    def _load(self, attack: str, batch: int) -> tuple[list[int], torch.Tensor]:
+        if self.directory is None:
+            return self.memory.pop((attack, batch), ([], self.worst[:0]))
+        path = self._path(attack, batch)
+        if not path.is_file():
+            raise JournalMismatchError(f"{path} is missing: the adversarial examples of a finished batch are gone; "
+                                       "evaluate into a fresh directory")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["idx"], saved["x"]
+
+    def merge(self, attack: str, batch: int, idx: list[int], broken: list[int]) -> None:
+        if not any(broken):
+            return
+        rows, x_adv = self._load(attack, batch)
+        if sorted(rows) != sorted(i for i, b in zip(idx, broken) if b):
+            raise JournalMismatchError(f"the adversarial examples kept for batch {batch} of {attack} do not match its "
+                                       "journal record; evaluate into a fresh directory")
+        for j, row in enumerate(rows):
+            if not self.assigned[row]:
+                self.worst[row] = x_adv[j]
+                self.assigned[row] = True
+
 
 def _attack_batch(
     model: nn.Module,
@@ -385,8 +468,10 @@ def _attack_batch(
     config: AttackConfig,
     device: torch.device | str,
     counted: tuple[nn.Module | None, ...] = (),
+    keep: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Attack one batch; the record counts the forward/backward example-passes it took."""
+    """Attack one batch; the record counts the forward/backward example-passes it took. ``keep``: a list that
+    receives the batch's adversarial inputs (on the CPU)."""
     start = time.perf_counter()
     xb, yb = x[idx].to(device), y[idx].to(device)
 
@@ -401,5 +486,7 @@ def _attack_batch(
         x_adv = torch.cat(pieces)
         _check_perturbation(x_adv, xb, config, attack.name)
         broken = (_predict(model, x_adv) != yb).cpu()
+    if keep is not None:
+        keep.append(x_adv.detach().cpu())
     return {"attack": attack.name, "batch": k, "idx": idx, "broken": broken.long().tolist(),
             "seconds": time.perf_counter() - start, "forward": passes.forward, "backward": passes.backward}

@@ -41,6 +41,7 @@ class EvalResult:
     finished: str | None = None  # UTC ISO time the result was written (the newest duplicate wins)
     data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
     cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # per phase: passes and seconds (cost.py)
+    adversarial: str | None = None  # the worst-case adversarial examples' file in the result's directory, if kept
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

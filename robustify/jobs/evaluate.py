@@ -74,6 +74,8 @@ class EvaluationJob(SerializableConfig):
         compile: attack the torch.compile'd model (MeanSparse fused into ReLU): about a minute of
             compilation, then ~1.5x faster on CPU (benchmarks/results/compiled_eval.csv).
         precision: autocast the attacked model: float32, bfloat16 or float16 (MeanSparse statistics stay float32).
+        keep_adversarial: keep the worst-case adversarial examples in ``out``/adversarial.pt (per example: the
+            input of the first attack that broke it, else the clean input; for ``robustify export``).
     """
 
     model: str
@@ -101,6 +103,7 @@ class EvaluationJob(SerializableConfig):
     progress: bool = True
     compile: bool = False
     precision: str = "float32"
+    keep_adversarial: bool = False
 
     def __post_init__(self) -> None:
         if self.defense != "none" and self.defense not in defenses.defense_names():
@@ -346,7 +349,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     meta["not_applicable"] = skipped
     result = evaluate(_attacked(job, model), x, y, config, out_dir=job.out, meta=meta, source_model=source,
                       device=job.device, num_classes=info.num_classes, input_size=info.input_size,
-                      progress=job.progress)
+                      progress=job.progress, keep_adversarial=job.keep_adversarial)
     if job.leaderboard_dir and distributed.is_main():
         from robustify.reporting.leaderboard import write_leaderboard
 
