@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,13 @@ def _recorded_config(meta: dict[str, Any], config: Any) -> dict[str, Any] | None
     return None
 
 
+def _with_later_defaults(saved: dict[str, Any], job: EvaluationJob) -> dict[str, Any]:
+    """``saved`` (a result's attack config) with the fields added to the config after it was written set to
+    their defaults: a result from before an option existed ran as its default does (e.g. top-logit targets)."""
+    defaults = {f.name: f.default for f in fields(type(job.attack)) if f.default is not MISSING}
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
 def result_mismatch(cell: Cell, result: dict[str, Any]) -> str | None:
     """Why ``result`` (a result.json) is not the finished result of ``cell`` (None: it is)."""
     job, meta = cell.job, result.get("meta", {})
@@ -185,7 +192,7 @@ def result_mismatch(cell: Cell, result: dict[str, Any]) -> str | None:
             return f"meta.{k} is {meta.get(k)!r}, the cell's is {v!r}"
     if result.get("n_examples") != job.n_examples:
         return f"n_examples is {result.get('n_examples')}, the cell's is {job.n_examples}"
-    saved, mine = untagged(dict(result.get("config", {}))), untagged(job.attack.to_dict())
+    saved, mine = _with_later_defaults(untagged(dict(result.get("config", {}))), job), untagged(job.attack.to_dict())
     ran, asked = saved.pop("attacks", []), list(mine.pop("attacks"))
     if saved != mine:
         return "attack settings differ: " + ", ".join(sorted(k for k in set(saved) | set(mine)
