@@ -48,7 +48,7 @@ WORKERS_FLAGS = ConfigFlags(EvaluationJob, ("workers",))
 
 def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        p.add_argument("model", help="robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function")
+        p.add_argument("model", help="robustbench:NAME, timm:NAME, small-resnet-at, aa-resnet18 or package.module:function")
     MODEL_FLAGS.add(p)
 
 

@@ -41,7 +41,7 @@ class EvaluationJob(SerializableConfig):
     """Everything one evaluation needs; the CLI's flags are made from these fields (and their help from here).
 
     Attributes:
-        model: robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function.
+        model: robustbench:NAME, timm:NAME, small-resnet-at, aa-resnet18 or package.module:function.
         defense: none, or a registered defense (:func:`robustify.defenses.defense_names`).
         data: a registered dataset's NAME or NAME:DIR (cifar10, cifar100, imagenet:DIR), folder:DIR or a .npz file
             (x_train, y_train, x_test, y_test).

@@ -8,7 +8,9 @@ Specs:
 * ``timm:NAME`` — a timm model (pretrained or not), wrapped with its input normalisation;
   ``timm:hf-hub:ORG/NAME`` reads the model's ``config.json`` from the Hugging Face hub. Weights
   come from the Hugging Face cache (``HF_HUB_CACHE``; with ``HF_HUB_OFFLINE=1``, only from it).
-* ``aa-resnet18`` — AutoAttack's example CIFAR-10 ResNet-18, whose weights ship inside the
+* ``small-resnet-at`` — robustify's own small adversarially trained CIFAR-10 ResNet-8 (78k parameters), whose
+  weights ship inside this package (:mod:`robustify.load.small_resnet`): the default model of ``robustify run``.
+* ``aa-resnet18`` — AutoAttack's example CIFAR-10 ResNet-18 (standard-trained), whose weights ship inside the
   ``pyautoattack`` wheel.
 * ``package.module:function`` — any factory returning an ``nn.Module``.
 
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustify.load import small_resnet
 from robustify.load._loading import first_line, html_page_error
 from robustify.load.datasets import FieldTable, find_dataset
 from robustify.core.errors import ModelLoadError
@@ -366,7 +369,10 @@ def load_model(
     download = pretrained and weights is None
     reinit = False
     target: nn.Module
-    if spec == "aa-resnet18":
+    if spec == small_resnet.NAME:
+        source, name = "robustify", spec
+        model = target = small_resnet.load_small_resnet_at(download)
+    elif spec == "aa-resnet18":
         source, name = "aa", spec
         model = target = _aa_resnet18(download)
     elif spec.startswith("robustbench:"):
@@ -382,7 +388,8 @@ def load_model(
         model = target = _factory(spec)
     else:
         raise ModelLoadError(
-            f"unknown model spec {spec!r}: use robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function"
+            f"unknown model spec {spec!r}: use robustbench:NAME, timm:NAME, "
+            f"{small_resnet.NAME}, aa-resnet18 or package.module:function"
         )
     if image_size is not None:
         input_size = (input_size[0], image_size, image_size)
