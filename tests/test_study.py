@@ -17,6 +17,7 @@ from study_helpers import events, per_example, write_study
 
 import robustify as rb
 from robustify.cli import main
+from robustify.reporting.leaderboard import result_row
 from robustify.jobs.study import StudyFileError, StudyLockedError, plan_study, study_status
 from robustify.jobs.study.state import controller_lock
 
@@ -54,6 +55,9 @@ def test_status_and_report_cli(study_local_run: Path, capsys: pytest.CaptureFixt
     assert main(["study", "status", str(study_local_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 13 and all(" done " in line for line in lines[1:])
+    for row in study_status(study_local_run):  # passes: the finished result's, as its leaderboard row says
+        result = json.loads((study_local_run / "results" / row.cell / "result.json").read_text())
+        assert row.passes == result_row(result)["passes"] > 0 and str(row.passes) in "".join(lines)
     assert main(["study", "report", str(study_local_run), "--no-plots"]) == 0
     assert "meansparse" in capsys.readouterr().out
     assert (study_local_run / "leaderboard.md").read_text().count("| studynets:tiny_") == 12
@@ -79,7 +83,7 @@ def test_kill_controller_and_resume(study_root: Path, study_local_run: Path, tmp
     proc.wait()
     assert not (journal.parent / "result.json").exists()
     state = {r.cell: r for r in study_status(out)}["slow_a/meansparse_0.1/ce"]
-    assert state.state == "interrupted" and state.passes >= 1
+    assert state.state == "interrupted" and state.batches >= 1 and state.passes is None
     rows = rb.run_study(path, out, workers=0, progress=False, report=False)  # the worker died with it: no lock left
     assert [r.state for r in rows] == ["done"]
     starts = [e for e in events(out) if e["step"] == "evaluate:slow_a/meansparse_0.1/ce" and e["event"] == "start"]

@@ -32,7 +32,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     slurm.add_argument("--gpus", type=int, default=None, help="GPUs per step (one task each)")
     slurm.add_argument("--cpus", type=int, default=None, help="CPUs per task")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a bar over cells")
-    status = sub.add_parser("status", help="one row per cell: state, time, journal passes, error")
+    status = sub.add_parser("status", help="one row per cell: state, time, journal batches, "
+                                                       "passes (forward + backward example-passes), error")
     status.add_argument("dir", help="the study directory")
     report = sub.add_parser("report", help="rebuild the leaderboard of all cells in DIR")
     report.add_argument("dir", help="the study directory")
@@ -41,10 +42,11 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 def _print_status(rows: list) -> None:
     width = max([len(r.cell) for r in rows] + [4])
-    print(f"{'cell':<{width}}  {'state':<11} {'time':>8} {'passes':>6}  error")
+    print(f"{'cell':<{width}}  {'state':<11} {'time':>8} {'batches':>7} {'passes':>9}  error")
     for r in rows:
         seconds = f"{r.seconds:.1f}s" if isinstance(r.seconds, (int, float)) else "-"
-        print(f"{r.cell:<{width}}  {r.state:<11} {seconds:>8} {r.passes:>6}  {r.error}")
+        passes = "-" if r.passes is None else str(r.passes)
+        print(f"{r.cell:<{width}}  {r.state:<11} {seconds:>8} {r.batches:>7} {passes:>9}  {r.error}")
 
 
 @register_command("study", "a grid of models x defenses x settings x attacks from a TOML file: plan, run "

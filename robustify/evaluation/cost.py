@@ -72,3 +72,8 @@ def summarise(forward: int, backward: int, seconds: float, examples: int) -> dic
     return {"forward": forward, "backward": backward, "seconds": round(seconds, 3), "examples": examples,
             "forward_per_example": round(forward / per, 2), "backward_per_example": round(backward / per, 2),
             "seconds_per_example": round(seconds / per, 4)}
+
+
+def total_passes(cost: dict[str, dict[str, Any]] | None) -> int:
+    """Forward + backward example-passes of every phase of a result's ``cost`` (0 without one)."""
+    return sum(c["forward"] + c["backward"] for c in (cost or {}).values())

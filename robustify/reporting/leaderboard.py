@@ -31,7 +31,7 @@ from robustify.reporting.settings import setting_columns, setting_names
 from robustify.reporting.tables import markdown_tables
 from robustify.reporting.writers import WriteContext, run_writers
 from robustify.core.significance import LEVEL, ci_text, find_base, paired_comparison, robust_mask
-from robustify.evaluation.cost import PHASES
+from robustify.evaluation.cost import PHASES, total_passes
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
     cost = {a: c for a, c in (result.get("cost") or {}).items() if a not in PHASES}
     if not cost:
         return {"passes": None, "passes_per_example": None, "cost": "", "seconds_per_attack": ""}
-    total = sum(c["forward"] + c["backward"] for c in (result.get("cost") or {}).values())
+    total = total_passes(result.get("cost"))
     return {"passes": total, "passes_per_example": round(total / max(result["n_examples"], 1), 1),
             "cost": " ".join(f"{a}={c['forward_per_example']:g}+{c['backward_per_example']:g}" for a, c in cost.items()),
             "seconds_per_attack": " ".join(f"{a}={c['seconds_per_example']:g}" for a, c in cost.items())}

@@ -22,6 +22,7 @@ from typing import Any
 from robustify.core.errors import UserError
 from robustify.core.io import write_json
 from robustify.defenses.file import read_sidecar
+from robustify.evaluation.cost import total_passes
 from robustify.evaluation.journal import JOURNAL_FILE
 from robustify.jobs.study.plan import CALIBRATE, Cell, Plan, Step, result_mismatch
 
@@ -147,12 +148,14 @@ def step_done(plan: Plan, step: Step) -> bool:
 
 @dataclass(frozen=True)
 class CellState:
-    """One row of ``robustify study status``."""
+    """One row of ``robustify study status``: ``batches`` finished in its evaluation journal, ``passes`` the
+    forward + backward example-passes of its finished result (None until it is done)."""
 
     cell: str
     state: str
     seconds: float | None
-    passes: int
+    batches: int
+    passes: int | None
     error: str
 
 
@@ -163,19 +166,21 @@ def cell_states(plan: Plan) -> list[CellState]:
     for cell in plan.cells:
         step = plan.cell_step(cell)
         record = read_record(plan.state_dir, step) or {}
-        passes = journal_batches(cell.out)
+        batches = journal_batches(cell.out)
         result = _read_result(cell)
+        passes = None
         if result is not None and result_mismatch(cell, result) is None:
-            state, error = DONE, ""
+            state, error, passes = DONE, "", total_passes(result.get("cost"))
             seconds = record.get("seconds") if record.get("state") == DONE else result.get("seconds")
             if isinstance(seconds, dict):
                 seconds = sum(v for v in seconds.values() if isinstance(v, (int, float)))
         else:
-            state = record.get("state") or (PARTIAL if passes else PENDING)
+            state = record.get("state") or (PARTIAL if batches else PENDING)
             seconds, error = record.get("seconds"), record.get("error", "")
             if state == RUNNING and not alive and "slurm_job" not in record:  # its controller (and workers) died
                 state, error = INTERRUPTED, "its controller stopped: rerun to resume"
             if result is not None and state == PENDING:
                 state, error = FAILED, f"its directory holds another evaluation ({result_mismatch(cell, result)})"
-        rows.append(CellState(cell=cell.id, state=state, seconds=seconds, passes=passes, error=error))
+        rows.append(CellState(cell=cell.id, state=state, seconds=seconds, batches=batches, passes=passes,
+                              error=error))
     return rows
