@@ -61,17 +61,25 @@ def test_tiny_study_on_slurm_matches_local(study_root: Path, study_local_run: Pa
     assert all("slurm_job" in e for e in starts) and sum(e["kind"] == "calibrate" for e in starts) == 2
 
 
-def test_scancel_a_running_task_and_resume(study_root: Path, study_local_run: Path, tmp_path: Path) -> None:
-    """(b) scancel of a running array task: the controller records it interrupted; the rerun resumes its journal and
-    ends identical to the uninterrupted run."""
+def _slow_slurm_controller(study_root: Path, tmp_path: Path, name: str,
+                           delay: float) -> tuple[Path, Path, subprocess.Popen]:
+    """A one-cell study of the slow tiny model (``delay`` seconds per forward), its controller started on Slurm
+    in a subprocess: (study file, study directory, controller process)."""
     attacks = '\n[[attacks]]\nname = "ce"\nattacks = ["apgd-ce"]\napgd_iters = 2\nbatch_size = 2\n'
-    path = write_study(study_root, "slow_slurm.toml", ["studynets:slow_a"], [0.1], attacks=attacks + RESOURCES,
+    path = write_study(study_root, f"{name}.toml", ["studynets:slow_a"], [0.1], attacks=attacks + RESOURCES,
                        base=False)
-    out = tmp_path / "slow"
-    env = {**os.environ, "STUDY_TEST_DELAY": "0.2"}
+    out = tmp_path / name
+    env = {**os.environ, "STUDY_TEST_DELAY": str(delay)}
     proc = subprocess.Popen([sys.executable, "-m", "robustify", "study", "run", str(path), "--out", str(out),
                              "--executor", "slurm", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    return path, out, proc
+
+
+def test_scancel_a_running_task_and_resume(study_root: Path, study_local_run: Path, tmp_path: Path) -> None:
+    """(b) scancel of a running array task: the controller records it interrupted; the rerun resumes its journal and
+    ends identical to the uninterrupted run."""
+    path, out, proc = _slow_slurm_controller(study_root, tmp_path, "slow", delay=0.2)
     cell = out / "results" / "slow_a" / "meansparse_0.1" / "ce"
     record = out / "study" / "steps" / "evaluate-slow_a__meansparse_0.1__ce.json"
     deadline, job = time.time() + 240, None
@@ -110,14 +118,7 @@ def test_cell_spanning_two_tasks(study_root: Path, study_local_run: Path, tmp_pa
 
 def test_rerun_waits_for_the_jobs_a_killed_controller_submitted(study_root: Path, tmp_path: Path) -> None:
     """kill -9 of the controller after it submitted: the rerun waits for the queued jobs, submits nothing again."""
-    attacks = '\n[[attacks]]\nname = "ce"\nattacks = ["apgd-ce"]\napgd_iters = 2\nbatch_size = 2\n'
-    path = write_study(study_root, "reattach.toml", ["studynets:slow_a"], [0.1], attacks=attacks + RESOURCES,
-                       base=False)
-    out = tmp_path / "reattach"
-    env = {**os.environ, "STUDY_TEST_DELAY": "0.1"}
-    proc = subprocess.Popen([sys.executable, "-m", "robustify", "study", "run", str(path), "--out", str(out),
-                             "--executor", "slurm", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    path, out, proc = _slow_slurm_controller(study_root, tmp_path, "reattach", delay=0.1)
     deadline = time.time() + 120
     while time.time() < deadline and sum(e["event"] == "submitted" for e in events(out)) < 2:
         time.sleep(0.05)
