@@ -87,6 +87,12 @@ class AttackConfig(SerializableConfig):
         adaptive_steps: steps of the adaptive attack.
         adaptive_lambda: the adaptive attack's lambda.
         adaptive_step_size: the adaptive attack's step size (None: 2.5*eps/steps).
+
+    Example:
+        >>> from robustify.attacks import AttackConfig
+        >>> config = AttackConfig(attacks=("apgd-ce", "bpda"), eps=rb.parse_eps("8/255"), apgd_iters=10)
+        >>> config.budget_for("apgd-ce")
+        {'iters': 10, 'restarts': 1}
     """
 
     VERSION: ClassVar[int] = 1

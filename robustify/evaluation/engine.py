@@ -141,15 +141,32 @@ def evaluate(
     Args:
         model: the model to evaluate (inputs in [0, 1]); a calibrated defense in it, if any, must be
             calibrated.
-        x, y: test images (N, C, H, W) in [0, 1] and labels.
-        config: attacks, threat model and budgets.
+        x: test images ``(N, C, H, W)`` in [0, 1].
+        y: their labels ``(N,)``.
+        config: attacks, threat model and budgets (None: :class:`AttackConfig`'s defaults).
         out_dir: where to keep the journal and ``result.json`` (resumable); None keeps
             everything in memory.
         meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
         source_model: the transfer attack's source (default: ``model`` with its defenses disabled, their
             ``disabled`` hook).
+        device: the torch device to attack on.
         num_classes: to validate labels.
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
+        progress: show progress bars.
+
+    Returns:
+        The :class:`EvalResult` (also written to ``out_dir/result.json`` when ``out_dir`` is given).
+
+    Raises:
+        DataError: no examples, or images and labels that do not fit the model.
+
+    Example:
+        >>> from robustify.attacks import AttackConfig
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
+        >>> result = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), progress=False)
+        >>> result.clean_acc, sorted(result.attack_acc)
+        (1.0, ['apgd-ce'])
     """
     config = config or AttackConfig()
     meta = dict(meta or {})
