@@ -88,7 +88,7 @@ class AttackConfig(SerializableConfig):
         adaptive_lambda: the adaptive attack's lambda.
         adaptive_step_size: the adaptive attack's step size (None: 2.5*eps/steps).
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> config = AttackConfig(attacks=("apgd-ce", "bpda"), eps=rb.parse_eps("8/255"), apgd_iters=10)
         >>> config.budget_for("apgd-ce")

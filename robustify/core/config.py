@@ -82,7 +82,7 @@ def parse_eps(value: str | float) -> float:
     Raises:
         UserError: the text is neither a number nor a fraction.
 
-    Example:
+    Examples:
         >>> rb.parse_eps("8/255")
         0.03137254901960784
         >>> rb.parse_eps(0.5)

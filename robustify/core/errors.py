@@ -29,7 +29,7 @@ __all__ = [
 class UserError(ValueError):
     """Base of every error the user can fix: bad input, spec, file or setting (the CLI: one line, exit 2).
 
-    Example:
+    Examples:
         >>> try:
         ...     rb.parse_eps("eight")
         ... except rb.UserError as error:
@@ -41,7 +41,7 @@ class UserError(ValueError):
 class ModelLoadError(UserError):
     """A model spec or checkpoint could not be loaded.
 
-    Example:
+    Examples:
         >>> try:
         ...     rb.load_model("no-such-model")
         ... except rb.ModelLoadError as error:
@@ -53,7 +53,7 @@ class ModelLoadError(UserError):
 class DataError(UserError):
     """A dataset spec, file or content is unusable.
 
-    Example:
+    Examples:
         >>> try:
         ...     rb.load_data("missing.npz")
         ... except rb.DataError as error:
@@ -65,7 +65,7 @@ class DataError(UserError):
 class InsertionError(UserError):
     """The model has no site to insert into, or the selection leaves none.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from robustify.defenses import meansparse as ms
         >>> try:
@@ -79,7 +79,7 @@ class InsertionError(UserError):
 class NotCalibratedError(UserError, RuntimeError):
     """A calibrated defense's module ran before its statistics were computed or loaded.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
@@ -94,13 +94,13 @@ class NotCalibratedError(UserError, RuntimeError):
 class StateMismatchError(UserError):
     """Saved state does not fit the model, or the file is unreadable.
 
-    Example:
+    Examples:
         >>> model, info = rb.load_model("aa-resnet18")
         >>> try:
         ...     rb.load_defense(model, "nowhere.safetensors", info.example_input())
         ... except rb.StateMismatchError as error:
-        ...     print(str(error)[:40])
-        defense sidecar 'nowhere.safetensors.js
+        ...     print(str(error)[:42])
+        defense sidecar 'nowhere.safetensors.json'
     """
 
 

@@ -63,7 +63,7 @@ class DefenseOptions:
         prefix: put before every flag name (e.g. ``"sparta-"``).
         group: the title of the flags' group in ``--help``.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import get_defense
         >>> options = get_defense("meansparse").options
         >>> options.fields[:3]
@@ -137,7 +137,7 @@ class Defense:
         transfer: ``(model, path, example) -> model``: a pretrained file inserted frozen into another model
             (its sites mapped onto the model's; default: :attr:`load` with the same site names, then frozen).
 
-    Example:
+    Examples:
         The registered MeanSparse handler and the hooks it offers:
 
         >>> from robustify.defenses import get_defense

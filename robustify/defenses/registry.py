@@ -92,7 +92,7 @@ def register_defense(defense: Defense) -> Defense:
     Raises:
         ValueError: one of its names is registered already.
 
-    Example:
+    Examples:
         A plugin registers its defense when it is imported (``plugins/robustify-kwta`` registers k-WTA);
         the built-in defenses are registered by ``import robustify``:
 
@@ -188,7 +188,7 @@ def straight_through(model: nn.Module) -> contextlib.AbstractContextManager[nn.M
     Returns:
         A context manager; inside it every forward is unchanged and the backward goes straight through.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
@@ -214,7 +214,7 @@ def soft_backward(model: nn.Module, temperature: float) -> contextlib.AbstractCo
     Returns:
         A context manager; inside it every forward is unchanged and the backward is the surrogate's.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
@@ -237,7 +237,7 @@ def disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     Returns:
         A context manager; inside it the model computes what its base model computes (no copy is made).
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> x = info.example_input()
@@ -306,7 +306,7 @@ def apply_defense(model: nn.Module, example: torch.Tensor, config: Any) -> nn.Mo
     Raises:
         InsertionError: the model has no site the config selects.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
@@ -335,7 +335,7 @@ def remove_defense(model: nn.Module) -> nn.Module:
     Returns:
         The model without the defense (the same object where the defense was applied in place).
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
@@ -374,7 +374,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, device: torch.device 
     Returns:
         Site name -> the number of values its statistics came from.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
@@ -441,7 +441,7 @@ def save_defense(
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
@@ -512,7 +512,7 @@ def load_defense(model: nn.Module, path: str | Path, example: torch.Tensor) -> n
     Raises:
         StateMismatchError: the file is unreadable, or it does not fit the model.
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))

@@ -100,7 +100,7 @@ def register_activation(cls_or_name: type[nn.Module] | str) -> None:
     Args:
         cls_or_name: the activation class, or its class name (matched on any module of that name).
 
-    Example:
+    Examples:
         >>> import torch
         >>> class Swish2(torch.nn.Module):
         ...     def forward(self, x):
@@ -125,7 +125,7 @@ class Site:
     class) and ``"output"`` for the output of module ``name`` (``activation`` is that
     module's class).
 
-    Example:
+    Examples:
         >>> from robustify.defenses import meansparse as ms
         >>> model, info = rb.load_model("aa-resnet18")
         >>> _, sites = ms.plan(model, info.example_input(), ms.MeanSparseConfig())

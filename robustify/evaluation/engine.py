@@ -160,13 +160,13 @@ def evaluate(
     Raises:
         DataError: no examples, or images and labels that do not fit the model.
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
         >>> result = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), progress=False)
         >>> result.clean_acc, sorted(result.attack_acc)
-        (1.0, ['apgd-ce'])
+        (0.75, ['apgd-ce'])
     """
     config = config or AttackConfig()
     meta = dict(meta or {})

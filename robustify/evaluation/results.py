@@ -43,13 +43,13 @@ class EvalResult:
         data_fingerprint: digest of the evaluated images and labels (pairs rows).
         cost: per phase, forward and backward example-passes and seconds.
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
         >>> result = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), progress=False)
         >>> result.n_examples, result.per_example["clean_correct"]
-        (4, [1, 1, 1, 1])
+        (4, [1, 1, 1, 0])
     """
 
     meta: dict[str, Any]
@@ -102,14 +102,14 @@ def load_result(path: str | Path) -> EvalResult:
     Raises:
         UserError: the file is missing or is not a result.
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
         >>> _ = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), out_dir="runs/a",
         ...                 progress=False)
         >>> rb.load_result("runs/a").clean_acc
-        1.0
+        0.75
     """
     data = read_result_file(path)
     try:

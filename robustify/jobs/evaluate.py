@@ -70,14 +70,14 @@ class EvaluationJob(SerializableConfig):
             compilation, then ~1.5x faster on CPU (benchmarks/results/compiled_eval.csv).
         precision: autocast the attacked model: float32, bfloat16 or float16 (MeanSparse statistics stay float32).
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> job = rb.EvaluationJob(model="aa-resnet18", weights="../shared/models/resnet18_at_relu.pt",
         ...                        data="../shared/data/cifar10_subset.npz", defense="meansparse", n_calib=64,
         ...                        n_examples=4, attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=1),
         ...                        out="runs/ms", progress=False)
-        >>> job.defense_config is None  # the defense's registered defaults (MeanSparse: alpha 0.2)
-        True
+        >>> job.defense, job.n_examples, job.split
+        ('meansparse', 4, 'test')
     """
 
     model: str
@@ -343,7 +343,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     Returns:
         The :class:`EvalResult`, also written to ``job.out/result.json``.
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> job = rb.EvaluationJob(model="aa-resnet18", weights="../shared/models/resnet18_at_relu.pt",
         ...                        data="../shared/data/cifar10_subset.npz", defense="meansparse", n_calib=64,

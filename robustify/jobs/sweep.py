@@ -64,11 +64,11 @@ def sweep(job: EvaluationJob, values: list[float], max_clean_drop: float = 0.5) 
     Returns:
         The ``SweepResult``: ``setting``, ``values``, the ``curve``, the ``base`` figures, the ``chosen`` value.
 
-    Example:
+    Examples:
         >>> from robustify.attacks import AttackConfig
         >>> job = rb.EvaluationJob(model="aa-resnet18", weights="../shared/models/resnet18_at_relu.pt",
         ...                        data="../shared/data/cifar10_subset.npz", defense="meansparse", holdout=8,
-        ...                        n_calib=64, attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=1),
+        ...                        n_examples=8, n_calib=64, attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=1),
         ...                        out="runs/sweep", progress=False)
         >>> found = rb.sweep(job, [0.2])
         >>> found.setting, found.values

@@ -96,7 +96,7 @@ class TrainConfig(SerializableConfig):
         beta_clip: PAF's ``clip_grad_norm_(beta, 0.1)`` on PSSiLU's beta (0 = off).
         seed: seeds shuffling, augmentation and attack noise.
 
-    Example:
+    Examples:
         >>> config = rb.TrainConfig(epochs=1, batch_size=16, attack_steps=1, step_size=rb.parse_eps("10/255"))
         >>> config.freeze_backbone, config.eps
         (True, 0.03137254901960784)
@@ -348,7 +348,7 @@ def train_defense(
     Returns:
         A ``TrainResult``: the per-epoch ``history`` (loss, adversarial accuracy, lr, seconds).
 
-    Example:
+    Examples:
         >>> from robustify.defenses.sparta import SpartaConfig
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> model = rb.apply_defense(model, info.example_input(), SpartaConfig(variant="nodp", init="identity"))

@@ -232,7 +232,7 @@ def load_data(
     Raises:
         DataError: a missing or malformed file, an unknown split or spec.
 
-    Example:
+    Examples:
         >>> data = rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4)
         >>> len(data), data[0][0].shape
         (4, torch.Size([3, 32, 32]))
@@ -319,7 +319,7 @@ def loader(dataset: Dataset, batch_size: int = 128, workers: int | None = None,
     Returns:
         A ``torch.utils.data.DataLoader`` in the dataset's order.
 
-    Example:
+    Examples:
         >>> batches = rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=10), batch_size=4)
         >>> [len(y) for _, y in batches]
         [4, 4, 2]
@@ -343,7 +343,7 @@ def to_tensors(dataset: Dataset, batch_size: int = 256, workers: int | None = No
     Returns:
         ``(x, y)``: images ``(N, C, H, W)`` in [0, 1] and integer labels ``(N,)``.
 
-    Example:
+    Examples:
         >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=8))
         >>> x.shape, y.tolist()
         (torch.Size([8, 3, 32, 32]), [3, 8, 8, 0, 6, 6, 1, 6])

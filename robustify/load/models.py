@@ -61,7 +61,7 @@ class ModelInfo:
         extra: whatever else the loader records.
         preprocessing: the preprocessing of image files for this model (see :mod:`robustify.load.preprocessing`).
 
-    Example:
+    Examples:
         >>> model, info = rb.load_model("aa-resnet18")
         >>> info.spec, info.num_classes
         ('aa-resnet18', 10)
@@ -327,7 +327,7 @@ def load_model(
     Returns:
         ``(model, info)``: the model in eval mode, taking inputs in [0, 1], and its :class:`ModelInfo`.
 
-    Example:
+    Examples:
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> info.num_classes, info.input_size
         (10, (3, 32, 32))

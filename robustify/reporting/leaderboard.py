@@ -423,7 +423,7 @@ def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool
     Returns:
         The leaderboard table (one row per model, defense and settings, ranked by worst case).
 
-    Example:
+    Examples:
         >>> table = rb.write_leaderboard("leaderboard/results", "rebuilt", plots=False)
         >>> table[["model", "defense"]].iloc[0].tolist(), len(table)
         (['aa-resnet18', 'sparta'], 6)
