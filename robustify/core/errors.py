@@ -67,9 +67,9 @@ class InsertionError(UserError):
 
     Examples:
         >>> import torch
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> try:
-        ...     rb.apply_defense(torch.nn.Linear(4, 2), torch.rand(1, 4), ms.MeanSparseConfig())
+        ...     rb.apply_defense(torch.nn.Linear(4, 2), torch.rand(1, 4), defense_config("meansparse"))
         ... except rb.InsertionError as error:
         ...     print(str(error)[:34])
         no activation found in Linear: sea
@@ -80,9 +80,9 @@ class NotCalibratedError(UserError, RuntimeError):
     """A calibrated defense's module ran before its statistics were computed or loaded.
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> try:
         ...     model(info.example_input())
         ... except rb.NotCalibratedError as error:

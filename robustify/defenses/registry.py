@@ -93,7 +93,7 @@ def register_defense(defense: Defense) -> Defense:
         ValueError: one of its names is registered already.
 
     Examples:
-        A plugin registers its defense when it is imported (``plugins/robustify-kwta`` registers k-WTA);
+        A plugin registers its defense when it is imported (``plugins/`` holds an example, k-WTA);
         the built-in defenses are registered by ``import robustify``:
 
         >>> from robustify.defenses import defense_names, get_defense
@@ -190,9 +190,9 @@ def straight_through(model: nn.Module) -> contextlib.AbstractContextManager[nn.M
 
     Examples:
         >>> import torch
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
         >>> x = info.example_input().requires_grad_(True)
         >>> with rb.bpda(model):
@@ -215,9 +215,9 @@ def soft_backward(model: nn.Module, temperature: float) -> contextlib.AbstractCo
         A context manager; inside it every forward is unchanged and the backward is the surrogate's.
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
         >>> x = info.example_input().requires_grad_(True)
         >>> with rb.soft_bpda(model, 0.3):
@@ -238,11 +238,11 @@ def disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         A context manager; inside it the model computes what its base model computes (no copy is made).
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
         >>> x = info.example_input()
         >>> before = model(x)
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
         >>> with rb.defenses_disabled(model):
         ...     bool((model(x) == before).all())
@@ -307,10 +307,10 @@ def apply_defense(model: nn.Module, example: torch.Tensor, config: Any) -> nn.Mo
         InsertionError: the model has no site the config selects.
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
-        >>> len(ms.meansparse_modules(model)), model.robustify_defense.alpha
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> len(get_defense("meansparse").modules(model)), model.robustify_defense.alpha
         (17, 0.2)
     """
     out = handler_for_config(config).apply(model, example, config)
@@ -336,11 +336,11 @@ def remove_defense(model: nn.Module) -> nn.Module:
         The model without the defense (the same object where the defense was applied in place).
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> model = rb.remove_defense(model)
-        >>> len(ms.meansparse_modules(model))
+        >>> len(get_defense("meansparse").modules(model))
         0
     """
     handler = handler_for_config(applied_config(model))
@@ -375,9 +375,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, device: torch.device 
         Site name -> the number of values its statistics came from.
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
         >>> counts["relu_0"]  # 64 images of 32x32 pixels per channel
         65536
@@ -442,9 +442,9 @@ def save_defense(
         The path written.
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
         >>> rb.save_defense(model, "meansparse.safetensors", model_info=info.to_dict()).name
         'meansparse.safetensors'
@@ -513,9 +513,9 @@ def load_defense(model: nn.Module, path: str | Path, example: torch.Tensor) -> n
         StateMismatchError: the file is unreadable, or it does not fit the model.
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, get_defense
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), ms.MeanSparseConfig(alpha=0.2))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
         >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
         >>> _ = rb.save_defense(model, "meansparse.safetensors")
         >>> fresh, _ = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")

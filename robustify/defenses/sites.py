@@ -126,9 +126,9 @@ class Site:
     module's class).
 
     Examples:
-        >>> from robustify.defenses import meansparse as ms
+        >>> from robustify.defenses import defense_config, plan_defense
         >>> model, info = rb.load_model("aa-resnet18")
-        >>> _, sites = ms.plan(model, info.example_input(), ms.MeanSparseConfig())
+        >>> sites = plan_defense(model, info.example_input(), defense_config("meansparse"))
         >>> sites[0].name, sites[0].position, sites[0].channels
         ('relu_0', 'input', 64)
     """

@@ -349,9 +349,9 @@ def train_defense(
         A ``TrainResult``: the per-epoch ``history`` (loss, adversarial accuracy, lr, seconds).
 
     Examples:
-        >>> from robustify.defenses.sparta import SpartaConfig
+        >>> from robustify.defenses import defense_config
         >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
-        >>> model = rb.apply_defense(model, info.example_input(), SpartaConfig(variant="nodp", init="identity"))
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("sparta-nodp", init="identity"))
         >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=16))
         >>> config = rb.TrainConfig(epochs=1, batch_size=16, attack_steps=1, step_size=rb.parse_eps("10/255"))
         >>> rb.train_defense(model, x, y, config, progress=False).epochs
