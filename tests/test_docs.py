@@ -99,14 +99,24 @@ def _id(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
+def shown_outputs(page: Path) -> dict[int, str]:
+    """A python block's output as the page shows it: the ``text`` block right after it, by the python block's line."""
+    text = page.read_text()
+    return {text[:m.start()].count("\n") + 1: m.group(1)
+            for m in re.finditer(r"^```python\n.*?^```\n\n```text\n(.*?)^```$", text, re.M | re.S)}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_id)
-def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every python and bash block of ``page`` runs, in order, in a fresh directory (one namespace per page)."""
+def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Every python and bash block of ``page`` runs, in order, in a fresh directory (one namespace per page); a
+    python block followed by a ``text`` block prints exactly that text (the README's example and its output)."""
     if "../shared" in page.read_text() and not SHARED.exists():
         pytest.skip(f"{_id(page)} reads ../shared, which is not beside this checkout")
     monkeypatch.chdir(_workdir(tmp_path))
-    ran, marked = 0, []
+    ran, marked, outputs = 0, [], shown_outputs(page)
     for example in parse(page):
+        capsys.readouterr()
         try:
             example.evaluate()
         except unittest.SkipTest as skip:
@@ -114,7 +124,10 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
             continue
         if example.region.evaluator is not None and not isinstance(example.parsed, tuple):
             ran += 1
-    print(f"{_id(page)}: {ran} block(s) ran; marked: {marked}")
+            if example.line in outputs:
+                assert capsys.readouterr().out == outputs[example.line], f"{_id(page)}, line {example.line}"
+    with capsys.disabled():
+        print(f"\n{_id(page)}: {ran} block(s) ran; marked: {marked}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_id)
