@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import doctest
 import importlib.util
 import inspect
@@ -170,7 +171,7 @@ def test_cli_reference_lists_every_flag() -> None:
 
     reference = _reference()
     parser = build_parser()
-    commands = reference._subparsers(parser)
+    commands = reference.all_commands(parser)
     assert commands, "no subcommands found"
     page = reference.cli_markdown()
     for name, sub in commands.items():
@@ -179,7 +180,8 @@ def test_cli_reference_lists_every_flag() -> None:
         assert section in page
         missing = sorted(f for f in _help_flags(sub) if f"`{f}`" not in section)
         assert not missing, f"robustify {name}: flags missing from the reference: {missing}"
-        positionals = [a.dest for a in sub._actions if not a.option_strings and a.dest != "help"]
+        positionals = [a.dest for a in sub._actions if not a.option_strings and a.dest != "help"
+                       and not isinstance(a, argparse._SubParsersAction)]
         assert all(f"`{p}` (positional)" in section for p in positionals)
 
 
@@ -199,6 +201,11 @@ def test_leaderboard_reference_explains_every_column_and_flag() -> None:
 
     reference = _reference()
     page = reference.leaderboard_markdown()
+    legend = reference.code_legend()
+    if legend is not None:  # the code's one table of explanations: every entry is on the page
+        for name, text in legend[0] + legend[1]:
+            assert f"| `{name}` | {' '.join(text.split())} |" in page.replace("\\|", "|")
+        return
     missing = [c for c, _ in reference.leaderboard_columns() if not reference.COLUMN_EXPLANATIONS.get(c)]
     assert not missing, f"leaderboard columns without an explanation in docs/_gen/reference.py: {missing}"
     for flag, text in FLAG_EXPLANATIONS.items():

@@ -75,12 +75,21 @@ def command_markdown(name: str, parser: argparse.ArgumentParser) -> str:
     return "\n".join(lines)
 
 
+def all_commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command and nested command (``study plan``), in --help's order."""
+    out: dict[str, argparse.ArgumentParser] = {}
+    for name, sub in _subparsers(parser).items():
+        out[prefix + name] = sub
+        out.update(all_commands(sub, prefix + name + " "))
+    return out
+
+
 def cli_markdown() -> str:
     """The command-line reference: every ``robustify`` command and flag, from the parsers themselves."""
     from robustify.cli import build_parser
 
     parser = build_parser()
-    commands = _subparsers(parser)
+    commands = all_commands(parser)
     head = [
         "# Command line",
         "",
@@ -93,7 +102,7 @@ def cli_markdown() -> str:
         "| command | what it does |",
         "|---|---|",
     ]
-    head += [f"| [`{n}`](#robustify-{n}) | {_cell(p.description or '')} |" for n, p in commands.items()]
+    head += [f"| [`{n}`](#robustify-{n.replace(' ', '-')}) | {_cell(p.description or '')} |" for n, p in commands.items()]
     head += ["", command_markdown("", parser).replace("## `robustify `", "## `robustify` (global flags)", 1)]
     return "\n".join(head + [command_markdown(n, p) for n, p in commands.items()])
 
@@ -211,8 +220,31 @@ def leaderboard_columns() -> list[tuple[str, str]]:
     return [(c, g) for g, cols in groups for c in cols]
 
 
+def code_legend() -> tuple[list[tuple[str, str]], list[tuple[str, str]]] | None:
+    """(columns, flags) as (name, text) from the code's one table of explanations, ``robustify.reporting.legend``
+    (issue 21, item 1), where this checkout has it; None where it does not."""
+    try:
+        from robustify.reporting.legend import COLUMN, FLAG, LEGEND
+    except ImportError:
+        return None
+    return ([(e.name, e.text) for e in LEGEND if e.kind == COLUMN], [(e.name, e.text) for e in LEGEND if e.kind == FLAG])
+
+
 def leaderboard_markdown() -> str:
     """Every flag and column of the leaderboard, from the code's tables."""
+    legend = code_legend()
+    if legend is not None:
+        columns, flags = legend
+        lines = ["# Leaderboard flags and columns", "",
+                 "Generated from `robustify.reporting.legend.LEGEND`, the one table of explanations the leaderboard's",
+                 "files and page use, when the site is built. "
+                 "[How to read a row](../concepts/evaluation.md#how-to-read-a-row) puts them together.", "",
+                 "## Flags", "", "| flag | meaning |", "|---|---|"]
+        lines += [f"| `{f}` | {_cell(e)} |" for f, e in flags]
+        lines += ["", "## Columns", "", "The CSV keeps every column, in this order.", "",
+                  "| column | meaning |", "|---|---|"]
+        lines += [f"| `{c}` | {_cell(e)} |" for c, e in columns]
+        return "\n".join(lines) + "\n"
     from robustify.reporting.page import FLAG_EXPLANATIONS
 
     lines = ["# Leaderboard flags and columns", "",
@@ -257,6 +289,8 @@ RESULT_FIELDS: dict[str, str] = {
     "finished": "UTC ISO time the result was written (the newest of equal-settings results wins)",
     "data_fingerprint": "digest of the evaluated images and labels (pairs a defended row with its base row)",
     "cost": "per phase: forward and backward example-passes and seconds",
+    "adversarial": "(with `--keep-adversarial`) the file of the worst-case adversarial examples in the result's "
+                   "directory",
     "audit": "(after `robustify audit` / `--audit`) the sanity suite: `config` (its thresholds), `unbounded`, "
              "`convergence`, `census`, `noise`, `flags`",
 }
