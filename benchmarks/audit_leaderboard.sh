@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The sanity suite (robustify audit) on the committed leaderboard rows, from their per-example results in
 # leaderboard/results/*/result.json (stored there as each result's "audit" entry), then the tables rebuilt.
-# The MeanSparse rows need the calibration of benchmarks/leaderboard_cifar10.sh (exact statistics: the same
-# command gives the same file); the audit refuses a model whose clean predictions differ from the evaluated one.
+# The MeanSparse rows need the calibration of leaderboard/study.toml (exact statistics: the same command gives the
+# same file); the audit refuses a model whose clean predictions differ from the evaluated one.
 # Rows of trained defenses (Sparta, PSSiLU) need benchmarks/train_defenses.py's files and are audited when present.
 #
 # Reproduce (from the repository root): bash benchmarks/audit_leaderboard.sh

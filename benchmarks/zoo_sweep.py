@@ -12,6 +12,7 @@ Usage::
     nice -n 19 python benchmarks/zoo_sweep.py                      # every entry (~200)
     python benchmarks/zoo_sweep.py --only 'cifar10/Linf/*' --timeout 120
     python benchmarks/zoo_sweep.py --resume --timeout 900           # skip finished entries, retry timeouts
+    python benchmarks/zoo_sweep.py --resume --rerun --only 'cifar100/Linf/Bai*'   # redo some entries, keep the rest
 
 Writes ``benchmarks/results/zoo_sweep.csv`` (one row per entry, appended as it goes) and
 ``zoo_sweep.md`` beside it (the command, the totals and every failure).
@@ -106,12 +107,14 @@ def run_entry(dataset: str, threat_model: str, name: str, timeout: float) -> dic
     return {"dataset": dataset, "threat_model": threat_model, "name": name, **row}
 
 
-def _keep_finished(csv_path: Path) -> set[tuple[str, str, str]]:
-    """Drop the CSV's timeout/died rows (to run them again); return the entries it still holds."""
+def _keep_finished(csv_path: Path, rerun: list[str] = ()) -> set[tuple[str, str, str]]:
+    """Drop the CSV's timeout/died rows, and those of the entries matching a ``rerun`` glob (to run them again);
+    return the entries it still holds."""
     if not csv_path.exists():
         return set()
     with csv_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] not in ("timeout", "died")]
+        rows = [r for r in csv.DictReader(f) if r["status"] not in ("timeout", "died") and not any(
+            fnmatch.fnmatch(f"{r['dataset']}/{r['threat_model']}/{r['name']}", g) for g in rerun)]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -161,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per entry")
     parser.add_argument("--resume", action="store_true",
                         help="keep the CSV and skip the entries it holds (timeouts and deaths run again)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="with --resume: run the entries --only selects again, replacing their rows")
     args = parser.parse_args(argv)
+    if args.rerun and not (args.resume and args.only):
+        parser.error("--rerun needs --resume and --only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from robustify.load.zoo import zoo_entries
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     import robustify.defenses.meansparse.insert  # noqa: F401 - imported once here, shared by every forked child
 
     entries = [e for e in zoo_entries() if not args.only or any(fnmatch.fnmatch("/".join(e), g) for g in args.only)]
-    done = _keep_finished(args.out) if args.resume else set()
+    done = _keep_finished(args.out, args.only if args.rerun else []) if args.resume else set()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new = not (args.resume and args.out.exists())
     with args.out.open("w" if new else "a", newline="") as f:

@@ -41,7 +41,9 @@ from robustify.evaluation.engine import evaluate
 from robustify.evaluation.results import EvalResult, load_result
 from robustify.reporting.leaderboard import write_leaderboard
 from robustify.jobs.evaluate import EvaluationJob, run_evaluation
+from robustify.jobs.export import ExportJob, export_robustbench
 from robustify.jobs.sweep import sweep
+from robustify.jobs.study import load_study, run_study
 from robustify.jobs.train import TrainConfig, train_defense
 from robustify.core.plugins import load_plugins as _load_plugins
 
@@ -56,6 +58,7 @@ __all__ = [
     "DefenseOptions",
     "EvalResult",
     "EvaluationJob",
+    "ExportJob",
     "InsertionError",
     "ModelInfo",
     "ModelLoadError",
@@ -70,14 +73,17 @@ __all__ = [
     "calibrate",
     "defenses_disabled",
     "evaluate",
+    "export_robustbench",
     "load_data",
     "load_defense",
     "load_model",
     "load_result",
+    "load_study",
     "loader",
     "parse_eps",
     "register_activation",
     "register_defense",
+    "run_study",
     "remove_defense",
     "run_evaluation",
     "save_defense",

@@ -23,6 +23,10 @@ fixture            scope     what
                              ``spec`` without weights, inserts and calibrates MeanSparse, asserts
                              the site count/activation/channel axes/channel counts (``channels``
                              may be None) and that alpha=0 gives the base output exactly
+``study_root``     session   ``Path`` of a directory with ``small.npz`` (labelled by tiny_cnn) and
+                             ``studynets.py`` (tiny_a, tiny_b, slow_a); puts it on PYTHONPATH
+``study_local_run`` session  ``Path`` of the tiny study (2 models x 3 settings x 2 attacks) run on
+                             the local executor (tests/study_helpers.py)
 =================  ========  ===================================================================
 """
 
@@ -35,6 +39,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from study_helpers import study_local_run, study_root  # noqa: F401 - the study tests' fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -241,7 +241,7 @@ EXPECTED_BUDGETS = {  # as stored in results and shown in the committed leaderbo
 }
 CHANGED = {"apgd_iters": 7, "apgd_restarts": 2, "apgd_t_iters": 3, "apgd_t_targets": 4, "fab_iters": 5,
            "fab_targets": 6, "square_queries": 8, "adaptive_steps": 9, "adaptive_lambda": 0.5,
-           "adaptive_step_size": 0.01}
+           "adaptive_step_size": 0.01, "apgd_t_targeting": "malt"}
 
 
 def test_budgets_are_the_specs_and_read_only_their_fields() -> None:

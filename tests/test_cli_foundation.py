@@ -137,7 +137,7 @@ def test_debug_shows_the_traceback(capsys, argv: list[str]) -> None:
 
     message = _error_line(capsys, ["inspect", "resnet18"])
     assert message == ("robustify: error: unknown model spec 'resnet18': use robustbench:NAME, timm:NAME, "
-                       "aa-resnet18 or package.module:function")  # a user error: one line, no traceback hint
+                       "small-resnet-at, aa-resnet18 or package.module:function")  # a user error: one line, no traceback hint
     with pytest.raises(ModelLoadError):
         main(argv)
 

@@ -278,8 +278,34 @@ def test_adaptive_mask_marks_exactly_the_entries_the_forward_replaced(defended, 
     for site, (z, mask) in masks.items():
         m = modules[site]
         assert z.dtype == (dtype or torch.float32)
-        mean, crop = m.thresholds_like(z)
+        mean, crop = m.thresholds_like(z)  # in the band's dtype (float32: RobustBench's promotion)
+        mean_z = mean.to(z.dtype)
         with torch.no_grad():
             out = m(z)
-        replaced = (out != z) | ((z == mean) & (crop > 0))
+        replaced = (out != z) | ((z == mean_z) & ((mean_z - mean).abs() < crop))
         assert torch.equal(mask, replaced) and mask.any(), site
+
+
+@pytest.mark.parametrize("individual", [False, True])
+def test_kept_adversarial_examples_are_the_worst_case_per_example(defended, images, tmp_path, individual):
+    _, model, y = defended
+    y = y.clone()
+    y[:2] = (y[:2] + 1) % 10  # two examples misclassified clean: their own worst case
+    config = AttackConfig(eps=EPS, attacks=("apgd-ce", "apgd-dlr"), apgd_iters=4, batch_size=8, individual=individual)
+    result = evaluate(model, images, y, config, out_dir=tmp_path, progress=False, keep_adversarial=True)
+    adv = result.adversarial_examples
+    assert adv.shape == images.shape and adv.dtype == images.dtype
+    assert (adv - images).abs().amax() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        robust = model(adv).argmax(1) == y
+    assert robust.float().mean().item() == pytest.approx(result.worst_case_acc)  # RobustBench's check
+    assert 0 < result.worst_case_acc < result.clean_acc  # some broken, some not: not vacuous
+    broken_by = [next((a for a in config.attacks if result.per_example[a][i] == 1), None) for i in range(len(y))]
+    unchanged = [torch.equal(adv[i], images[i]) for i in range(len(y))]
+    assert all(unchanged[i] for i, a in enumerate(broken_by) if a is None)  # not broken: the clean input
+    assert not any(unchanged[i] for i, a in enumerate(broken_by) if a is not None)
+    saved = torch.load(tmp_path / result.adversarial, weights_only=True)
+    assert json.loads((tmp_path / "result.json").read_text())["adversarial"] == "adversarial.pt"
+    assert torch.equal(saved, adv)
+    again = evaluate(model, images, y, config, out_dir=tmp_path, progress=False, keep_adversarial=True)  # replayed
+    assert torch.equal(again.adversarial_examples, adv)

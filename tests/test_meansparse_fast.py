@@ -25,10 +25,11 @@ INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: t
 
 
 def _reference(m: MeanSparse, x: torch.Tensor) -> torch.Tensor:
-    """The published formula, evaluated in the input's dtype."""
+    """The published formula as RobustBench's module evaluates it: the band tested in the input's dtype promoted
+    with the float32 statistics (float32 for float16/bfloat16), the output in the input's dtype."""
     shape = m._broadcast_shape(x.dim())
-    mean, crop = m.mean.view(shape).to(x.dtype), m.crop.view(shape).to(x.dtype)
-    return torch.where((x - mean).abs() < crop, mean, x)
+    mean, crop = m.mean.view(shape), m.crop.view(shape)
+    return torch.where((x - mean).abs() < crop, mean.to(x.dtype), x)
 
 
 def _module(channels: int, channel_dim: int, seed: int, alpha: float = 0.3) -> MeanSparse:

@@ -101,3 +101,16 @@ def test_inspect_builds_the_architecture_only(hf_cache: Path, capsys: pytest.Cap
     assert main(["inspect", f"timm:{TINY}", "--dataset", "imagenet", "--defense", "gelu", "--replace", "GELU",
                  "--json"]) == 0  # inspect of an activation-swap plan too
     assert [s["name"] for s in json.loads(capsys.readouterr().out)["sites"]] == blocks
+
+
+def test_pretrained_timm_head_reinitialised_only_when_asked(hf_cache: Path) -> None:
+    """ImageNet weights for a 10-class dataset: timm would drop the classifier for a random one, silently."""
+    published = _random_tiny()
+    _publish(hf_cache, "timm/test_vit.r160_in1k", published)
+    with pytest.raises(ModelLoadError, match=r"1000 classes.*cifar10 has 10.*new_head"):
+        load_model(f"timm:{TINY}", dataset="cifar10")
+    model, info = load_model(f"timm:{TINY}", dataset="cifar10", new_head=True)
+    loaded, expected = model.model.state_dict(), published.state_dict()
+    assert loaded["head.weight"].shape == (10, expected["head.weight"].shape[1]) and info.num_classes == 10
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected if not k.startswith("head."))
+    assert info.extra.get("new_head") is True

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = torch.zeros(2, 3, 32, 32)
 #: the default suite at small budgets (16 examples, eps 1/255: the tiny CNN is not robust at 8/255)
-ATTACK = dict(eps="1/255", apgd_iters=5, square_queries=20, adaptive_steps=5, batch_size=16)
+ATTACK = dict(eps="1/255", apgd_iters=5, apgd_t_iters=5, square_queries=20, adaptive_steps=5, batch_size=16)
 #: units of the tiny CNN's two ReLU sites: act1 (8x32x32) and the functional relu (16x8x8)
 UNITS = {"act1": 8 * 32 * 32, "relu_0": 16 * 8 * 8}
 
@@ -161,13 +161,13 @@ def test_the_default_suite_runs_bpda_through_the_hook_and_finds_no_less_than_apg
     result = evaluated["results"]["kwta"]
     assert result.meta["defense"] == "kwta" and result.meta["not_applicable"] == {}
     assert result.meta["defense_config"] == kwta.KWTAConfig().to_dict()  # the default meta: its config
-    assert {"bpda-apgd-ce", "bpda-apgd-dlr", "adaptive", "transfer"} <= set(result.attack_acc)
+    assert {"bpda-apgd-ce", "bpda-apgd-dlr", "bpda-apgd-t", "adaptive", "transfer"} <= set(result.attack_acc)
     apgd, worst = result.attack_acc["apgd-ce"], result.worst_case_acc
     logger.info("k-WTA 0.1, tiny CNN, 16 examples, eps 1/255: clean %.4f, APGD-CE %.4f, worst case %.4f "
                 "(base: worst case %.4f)", result.clean_acc, apgd, worst, evaluated["results"]["none"].worst_case_acc)
     assert worst <= apgd
     base = evaluated["results"]["none"].meta["not_applicable"]
-    assert set(base) == {"bpda-apgd-ce", "bpda-apgd-dlr", "transfer"}  # the base row: n/a, with the reason
+    assert set(base) == {"bpda-apgd-ce", "bpda-apgd-dlr", "bpda-apgd-t", "transfer"}  # the base row: n/a, with the reason
 
 
 def test_the_census_counts_the_losers_and_the_audit_flags_masked_gradients(evaluated: dict[str, Any]) -> None:

@@ -87,13 +87,13 @@ def test_toy_dataset_facts_come_from_its_registration(toy_dataset: DatasetSpec) 
 
 
 def test_toy_dataset_is_accepted_by_load_model_attacks_and_jobs(toy_dataset: DatasetSpec) -> None:
-    model, info = load_model("tinynets:tiny_cnn", dataset=TOY)
+    model, info = load_model("tinynets:tiny_cnn5", dataset=TOY)  # 5 logits, any image size
     assert (info.num_classes, info.input_size) == (5, (3, 16, 16))
     assert AttackConfig(dataset=TOY).eps == pytest.approx(3 / 255)
     assert AttackConfig(dataset=TOY, norm="L2").eps == pytest.approx(0.25)
     with pytest.raises(UserError, match=f"no default eps for {TOY} L1"):
         AttackConfig(dataset=TOY, norm="L1")
-    job = EvaluationJob(model="tinynets:tiny_cnn", dataset=TOY, data=TOY)
+    job = EvaluationJob(model="tinynets:tiny_cnn5", dataset=TOY, data=TOY)
     assert job.attack is not None and job.attack.eps == pytest.approx(3 / 255) and job.attack.dataset == TOY
     with pytest.raises(ModelLoadError, match="unknown dataset 'toy6'"):
         load_model("tinynets:tiny_cnn", dataset="toy6")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -229,3 +230,68 @@ def test_rewrite_keeps_in_place_arithmetic_in_place() -> None:
     conv_out = model.conv(x)
     assert not torch.equal(seen[0], conv_out)  # the conv output itself was updated in place...
     assert torch.equal(result, F.relu(seen[0]))  # ...into the value the activation received
+
+
+class _Branchy(nn.Module):
+    """A top-level wrapper FX cannot trace (it picks a branch from the data) that calls its ``top`` ReLU twice,
+    over traceable parts with functional activations and an activation module each part calls twice."""
+
+    class Part(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 6, 1)
+            self.act = nn.SiLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.relu(self.conv1(x))
+            return self.act(self.conv2(self.act(x)))
+
+    class Gate(nn.Module):  # no submodules, a functional activation of its own
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * F.silu(x.mean(1, keepdim=True))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList([self.Part(), self.Part()])
+        self.top = nn.ReLU()
+        self.gate = self.Gate()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 2:  # data-dependent control flow: torch.fx cannot trace this forward
+            return self.head(self.top(self.parts[0](x)).mean((2, 3)))
+        y = self.top(self.parts[0](x) + self.parts[1](x)) - 0.5
+        return self.head(self.gate(self.top(y)).mean((2, 3)))
+
+
+def test_untraceable_wrapper_traces_its_parts_one_by_one() -> None:
+    model = _Branchy().eval()
+    x = torch.rand(2, 3, 4, 4)
+    prepared = modularize(model, x)
+    sites = plan_sites(prepared, x)
+    assert [s.name for s in sites] == [f"parts.{i}.{n}" for i in (0, 1) for n in ("relu_0", "act_0", "act_1")] + [
+        "top_0", "top_1", "gate.silu_0"]
+    assert [s.channels for s in sites] == [4, 4, 6, 4, 4, 6, 6, 6, 1]
+    calls = Counter()
+    for s in sites:
+        prepared.get_submodule(s.name).register_forward_pre_hook(lambda m, a, name=s.name: calls.update([name]))
+    with torch.no_grad():
+        for _ in range(2):  # the per-call copies are counted afresh in every forward
+            assert torch.equal(prepared(x), model(x))
+        assert torch.equal(prepared(x + 3), model(x + 3))  # the other branch still runs as written
+    assert calls == Counter({s.name: 2 for s in sites}) + Counter(["parts.0.relu_0", "parts.0.act_0", "parts.0.act_1",
+                                                                   "top_0"])
+    prepared.top_1 = nn.Identity()  # a defense replacing one call's module changes that call only
+    with torch.no_grad():
+        y = model.top(model.parts[0](x) + model.parts[1](x)) - 0.5
+        assert torch.equal(prepared(x), model.head(model.gate(y).mean((2, 3))))
+    # the input model is untouched
+    assert type(model.parts[0]) is _Branchy.Part and type(model.top) is nn.ReLU
+    assert not any(isinstance(m, nn.ReLU) for m in model.parts.modules()) and not model._forward_pre_hooks
+
+
+def test_plan_without_example_still_reports_a_shared_module_fx_could_not_separate() -> None:
+    model = _Branchy().eval()
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="'top' is called 2 times"):
+        plan_sites(modularize(model), x)

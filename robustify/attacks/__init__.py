@@ -25,6 +25,10 @@ list of attacks (names, aliases, kinds, run order, budgets, ``n/a`` reasons) is 
 * :mod:`~robustify.attacks.transfer`: ``transfer``, APGD-CE crafted on the undefended base model
   (``disabled`` hook), evaluated on the defended one.
 
+A model whose forward is random is attacked with expectation over transformation (EoT,
+:mod:`~robustify.attacks.eot`): the attacks registered with ``eot`` average each gradient over
+``eot_iter`` forwards.
+
 Third-party packages add attacks through the ``robustify.attacks`` entry-point group
 (:func:`robustify.core.plugins.load_entry_points`), loaded after the built-in ones.
 """
@@ -37,23 +41,25 @@ from robustify.attacks.base import (BACKWARD_HOOKS, KINDS, NOT_APPLICABLE, THREA
                                     AttackSpec, aliases, attack_names, attack_specs, autoattack_suite, build_attack,
                                     expand_attacks, get_attack, not_applicable, on_registry_change, register_alias,
                                     register_attack, run_order, unregister_alias, unregister_attack)
-from robustify.attacks.config import (DEFAULT_EPS, AttackConfig, autoattack_budgets, autoattack_gaps, default_eps,
-                                      threat_norm)
+from robustify.attacks.config import (DEFAULT_ATTACKS, DEFAULT_EPS, AttackConfig, autoattack_budgets,
+                                      autoattack_eot_iter, autoattack_gaps, default_attacks, default_eps, threat_norm)
 from robustify.attacks.autoattack import PyAutoAttack, _set_apgd_iters, make_autoattack
 # the built-in attack families register themselves, in this order (the registration order; see run_order)
 from robustify.attacks import apgd_ce, apgd_dlr, apgd_t, fab, square, bpda, soft_bpda, mask_penalty, transfer  # noqa: F401
+from robustify.attacks.eot import forward_is_random, resolve_eot
 from robustify.attacks.mask_penalty import MaskPenaltyPGD
 from robustify.attacks.pgd import evaluate_pgd, pgd  # the function: binds ``robustify.attacks.pgd`` (not the module)
 from robustify.attacks.soft_bpda import SOFT_BPDA_TEMPERATURES, SoftBPDA
 from robustify.attacks.transfer import TransferAttack
 from robustify.core.plugins import load_entry_points
 
-__all__ = ["ATTACKS", "BACKWARD_HOOKS", "DEFAULT_EPS", "ENTRY_POINT_GROUP", "KINDS", "NOT_APPLICABLE",
-           "SOFT_BPDA_TEMPERATURES", "THREAT_NORMS", "Attack", "AttackConfig", "AttackFactory", "AttackSpec",
+__all__ = ["ATTACKS", "BACKWARD_HOOKS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "ENTRY_POINT_GROUP", "KINDS",
+           "NOT_APPLICABLE", "SOFT_BPDA_TEMPERATURES", "THREAT_NORMS", "Attack", "AttackConfig", "AttackFactory", "AttackSpec",
            "MaskPenaltyPGD", "PyAutoAttack", "SoftBPDA", "TransferAttack", "aliases", "attack_names", "attack_specs",
-           "autoattack_budgets", "autoattack_gaps", "autoattack_suite", "build_attack", "default_eps", "evaluate_pgd",
-           "expand_attacks", "get_attack", "make_autoattack", "not_applicable", "on_registry_change", "pgd",
-           "register_alias", "register_attack", "run_order", "threat_norm", "unregister_alias", "unregister_attack"]
+           "autoattack_budgets", "autoattack_eot_iter", "autoattack_gaps", "autoattack_suite", "build_attack",
+           "default_attacks", "default_eps", "evaluate_pgd", "expand_attacks", "forward_is_random", "get_attack",
+           "make_autoattack", "not_applicable", "on_registry_change", "pgd", "register_alias", "register_attack",
+           "resolve_eot", "run_order", "threat_norm", "unregister_alias", "unregister_attack"]
 
 #: the entry-point group third-party attacks register in (``name = "package.module"``; importing it registers)
 ENTRY_POINT_GROUP = "robustify.attacks"

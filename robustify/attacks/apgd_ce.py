@@ -8,4 +8,4 @@ __all__: list[str] = []
 
 register_attack(AttackSpec(name="apgd-ce", kind="white-box", build=pyautoattack_factory("apgd-ce", untargeted_apgd("ce")),
                            budget=apgd_budget, budget_fields=("apgd_iters", "apgd_restarts"), standard=True,
-                           autoattack=True))
+                           autoattack=True, eot=True))

@@ -7,4 +7,4 @@ __all__: list[str] = []
 
 register_attack(AttackSpec(name="apgd-dlr", kind="white-box",
                            build=pyautoattack_factory("apgd-dlr", untargeted_apgd("dlr")), budget=apgd_budget,
-                           budget_fields=("apgd_iters", "apgd_restarts"), standard=True))
+                           budget_fields=("apgd_iters", "apgd_restarts"), standard=True, eot=True))

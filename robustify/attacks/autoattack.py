@@ -36,7 +36,8 @@ def _set_apgd_iters(apgd: Any, n_iter: int) -> None:
 
 
 def make_autoattack(model: Callable[[torch.Tensor], torch.Tensor], config: AttackConfig, device: Any) -> Any:
-    """A pyautoattack ``AutoAttack`` (standard version settings) with the config's budgets."""
+    """A pyautoattack ``AutoAttack`` (standard version settings) with the config's budgets; its APGDs average
+    their gradients over ``config.eot_iter`` forwards (EoT, as the ``rand`` version's; None: 1)."""
     from pyautoattack import AutoAttack
 
     aa = AutoAttack(model, norm=config.norm, eps=config.eps, seed=config.seed, device=device, version="standard")
@@ -47,6 +48,7 @@ def make_autoattack(model: Callable[[torch.Tensor], torch.Tensor], config: Attac
     aa.fab.n_iter = config.fab_iters
     aa.fab.n_target_classes = config.fab_targets
     aa.square.n_queries = config.square_queries
+    aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = config.eot_iter or 1
     return aa
 
 

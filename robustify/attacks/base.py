@@ -97,6 +97,8 @@ class AttackSpec:
         autoattack: part of AutoAttack's standard suite (a standard attack; the suite runs first, in
             registration order).
         gradient: uses the attacked model's gradients (None: every kind but ``black-box``).
+        eot: it averages its gradient over ``eot_iter`` forwards (expectation over transformation) when the
+            model's forward is random (:mod:`~robustify.attacks.eot`); its budget then records ``eot``.
     """
 
     name: str
@@ -111,6 +113,7 @@ class AttackSpec:
     standard: bool = False
     autoattack: bool = False
     gradient: bool | None = None
+    eot: bool = False
 
     def __post_init__(self) -> None:
         if self.gradient is None:

@@ -51,6 +51,6 @@ for _base in BASES:
     _spec = get_attack(_base)
     register_attack(AttackSpec(name=PREFIX + _base, kind="adaptive", build=_factory(PREFIX + _base, _base),
                                budget=_spec.budget, budget_fields=_spec.budget_fields, norms=_spec.norms,
-                               requires="straight_through"))
+                               requires="straight_through", eot=_spec.eot))
 register_alias("bpda", ("bpda-apgd-ce", "bpda-apgd-dlr"))
 register_alias("bpda-autoattack", _straight_through_suite)

@@ -7,7 +7,8 @@ import logging
 import math
 import re
 import textwrap
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from torch import nn
@@ -15,20 +16,45 @@ from torch import nn
 from robustify.load.datasets import EPS, dataset_eps
 from robustify.attacks.base import THREAT_NORMS, aliases, attack_names, autoattack_suite, expand_attacks, get_attack, \
     on_registry_change
+from robustify.attacks.malt import TARGETINGS
 from robustify.core.config import SerializableConfig, format_eps, parse_eps
 from robustify.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_gaps", "default_eps", "threat_norm"]
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_EPS", "AttackConfig", "autoattack_budgets", "autoattack_eot_iter",
+           "autoattack_gaps", "default_attacks", "default_eps", "threat_norm"]
 
 #: RobustBench's eps per (dataset, threat model): a live view of the dataset registry (each dataset's registration)
 DEFAULT_EPS = EPS
+#: the attacks of an :class:`AttackConfig` given none (less those that do not support its norm: :func:`default_attacks`)
+DEFAULT_ATTACKS = ("apgd-ce", "apgd-dlr", "square", "bpda", "bpda-apgd-t", "adaptive", "transfer")
 
 
 def threat_norm(threat_model: str) -> str:
-    """The norm attacks use for a RobustBench threat model (``corruptions``: Linf)."""
-    return threat_model if threat_model in THREAT_NORMS else "Linf"
+    """The norm attacks use for a RobustBench threat model (``Linf``, ``L2``; ``L1`` too). ``corruptions`` is
+    none: a one-line error (RobustBench evaluates it on corrupted images, not with attacks)."""
+    if threat_model in THREAT_NORMS:
+        return threat_model
+    if threat_model == "corruptions":
+        raise UserError("corruptions is not an Lp threat model: RobustBench evaluates it on common corruptions "
+                        "(CIFAR-10-C, ImageNet-C), not with attacks, and robustify does not run that evaluation; to "
+                        "attack a corruptions model in an Lp ball, give the norm (--norm Linf, L2 or L1)")
+    raise UserError(f"unknown threat model {threat_model!r}; choose from {[*THREAT_NORMS, 'corruptions']}")
+
+
+def default_attacks(norm: str, names: Iterable[str] | str = DEFAULT_ATTACKS) -> tuple[str, ...]:
+    """The attacks of ``names`` (aliases expanded, in the run order) whose registration supports ``norm``
+    (:attr:`~robustify.attacks.base.AttackSpec.norms`): the defaults under ``norm`` (an attack named by the
+    user that does not support it stays an error)."""
+    expanded = expand_attacks(names)
+    keep = tuple(a for a in expanded if norm in get_attack(a).norms)
+    left_out = [a for a in expanded if a not in keep]
+    if left_out:
+        logger.info("default attacks without a %s version left out: %s", norm, ", ".join(left_out))
+    if not keep:
+        raise UserError(f"none of the attacks {list(expanded)} supports the {norm} threat model")
+    return keep
 
 
 def default_eps(dataset: str, norm: str) -> float:
@@ -49,11 +75,21 @@ def autoattack_budgets(norm: str) -> dict[str, int]:
             "fab_targets": aa.fab.n_target_classes, "square_queries": aa.square.n_queries}
 
 
+@functools.lru_cache(maxsize=None)
+def autoattack_eot_iter() -> int:
+    """The EoT iterations of AutoAttack's ``rand`` version (its APGD's ``eot_iter``, 20), read from pyautoattack:
+    the default of :attr:`AttackConfig.eot_iter` on a model whose forward is random."""
+    from pyautoattack import AutoAttack
+
+    return int(AutoAttack(nn.Identity(), norm="Linf", eps=1.0, version="rand").apgd.eot_iter)
+
+
 @dataclass(frozen=True)
 class AttackConfig(SerializableConfig):
     """Threat model, attack list and budgets. Defaults are the published ones.
 
-    ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
+    ``attacks`` None is :data:`DEFAULT_ATTACKS` less the attacks without a version for ``norm``
+    (:func:`default_attacks`: under L1, no ``adaptive``). ``eps`` None is RobustBench's for ``dataset`` and ``norm`` (:data:`DEFAULT_EPS`: CIFAR
     Linf 8/255, L2 0.5, L1 12; ImageNet Linf 4/255). Attacks run in one order
     (:func:`~robustify.attacks.base.run_order`) whatever order they are listed in. Each attack's
     budget is its registered :attr:`~robustify.attacks.base.AttackSpec.budget` (:meth:`budget_for`).
@@ -62,6 +98,11 @@ class AttackConfig(SerializableConfig):
     L1) and FAB-T, and 5000 queries for Square (None: these, :func:`autoattack_budgets`). The
     adaptive attack uses 50 steps (MeanSparse paper, A.4); its lambda and step size were not
     published (we default to lambda=1 and a step of 2.5*eps/steps).
+
+    A model whose forward is random (two forwards of one batch differ, :mod:`~robustify.attacks.eot`) is
+    attacked with expectation over transformation, as AutoAttack's ``rand`` version does: the attacks
+    registered with ``eot`` average their gradient over ``eot_iter`` forwards. The evaluation decides:
+    it records the iterations used in the config of the result (None on a deterministic model).
 
     Attributes:
         attacks: the attacks (comma-separated on the command line), from the attack registry:
@@ -81,12 +122,19 @@ class AttackConfig(SerializableConfig):
         apgd_restarts: APGD-CE/DLR restarts (None: AutoAttack's for the norm, 1; 5 for L1).
         apgd_t_iters: APGD-T iterations.
         apgd_t_targets: APGD-T target classes (None: AutoAttack's for the norm, 9; 5 for L1).
+        apgd_t_targeting: how APGD-T and BPDA-APGD-T pick their target classes: top-logit (AutoAttack's: the
+            highest logits after the true class) or malt (MALT, Melamed et al. 2024: the nearest decision
+            boundaries by a first-order estimate; not AutoAttack's standard evaluation).
         fab_iters: FAB-T iterations.
         fab_targets: FAB-T target classes.
         square_queries: Square's query budget.
         adaptive_steps: steps of the adaptive attack.
         adaptive_lambda: the adaptive attack's lambda.
         adaptive_step_size: the adaptive attack's step size (None: 2.5*eps/steps).
+        eot_iter: EoT iterations (gradients averaged per step) of the gradient attacks on a model whose forward
+            is random (None: AutoAttack's rand version's, 20; 1 disables EoT, refused unless accept_no_eot). A
+            deterministic model is attacked without EoT.
+        accept_no_eot: evaluate a random model with eot_iter 1 (no EoT): its row is flagged random-without-eot.
 
     Examples:
         >>> from robustify.attacks import AttackConfig
@@ -96,7 +144,7 @@ class AttackConfig(SerializableConfig):
     """
 
     VERSION: ClassVar[int] = 1
-    attacks: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "square", "bpda", "adaptive", "transfer")
+    attacks: tuple[str, ...] | None = None
     norm: str = "Linf"
     dataset: str = "cifar10"
     eps: float | str | None = None
@@ -107,12 +155,15 @@ class AttackConfig(SerializableConfig):
     apgd_restarts: int | None = None
     apgd_t_iters: int = 100
     apgd_t_targets: int | None = None
+    apgd_t_targeting: str = "top-logit"
     fab_iters: int = 100
     fab_targets: int = 9
     square_queries: int = 5000
     adaptive_steps: int = 50
     adaptive_lambda: float = 1.0
     adaptive_step_size: float | None = None
+    eot_iter: int | None = None
+    accept_no_eot: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in THREAT_NORMS:
@@ -125,7 +176,8 @@ class AttackConfig(SerializableConfig):
         for name in ("apgd_restarts", "apgd_t_targets"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, autoattack_budgets(self.norm)[name])
-        object.__setattr__(self, "attacks", expand_attacks(self.attacks))
+        object.__setattr__(self, "attacks", expand_attacks(self.attacks) if self.attacks is not None
+                           else default_attacks(self.norm))
         for attack in self.attacks:
             if self.norm not in get_attack(attack).norms:
                 raise UserError(f"attack {attack!r} does not support the {self.norm} threat model")
@@ -134,13 +186,34 @@ class AttackConfig(SerializableConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.eot_iter is not None and (isinstance(self.eot_iter, bool) or not isinstance(self.eot_iter, int)
+                                          or self.eot_iter < 1):
+            raise UserError(f"eot_iter must be a positive integer, got {self.eot_iter!r}")
+        if self.apgd_t_targeting not in TARGETINGS:
+            raise UserError(f"unknown APGD-T targeting {self.apgd_t_targeting!r}; choose {' or '.join(TARGETINGS)}")
         if not math.isfinite(self.adaptive_lambda) or self.adaptive_lambda < 0:
             raise UserError(f"adaptive_lambda must be >= 0, got {self.adaptive_lambda!r}")
 
     def budget_for(self, attack: str) -> dict[str, Any]:
         """The budget settings that affect ``attack`` (recorded in results): its registered
-        :attr:`~robustify.attacks.base.AttackSpec.budget`."""
-        return get_attack(attack).budget(self)
+        :attr:`~robustify.attacks.base.AttackSpec.budget`, and ``eot`` (the EoT iterations) for an attack that
+        averages its gradients (:attr:`~robustify.attacks.base.AttackSpec.eot`) when ``eot_iter`` is set."""
+        spec = get_attack(attack)
+        budget = spec.budget(self)
+        if spec.eot and self.eot_iter is not None:
+            budget = {**budget, "eot": self.eot_iter}
+        return budget
+
+    def for_classes(self, classes: int) -> AttackConfig:
+        """This config for a model with ``classes`` classes: the targeted attacks' target counts
+        (``apgd_t_targets``, ``fab_targets``) capped at ``classes - 1``, the other classes there are, so that
+        the budgets recorded are the ones run."""
+        cap = max(classes - 1, 1)
+        capped = {name: cap for name in ("apgd_t_targets", "fab_targets") if getattr(self, name) > cap}
+        if not capped:
+            return self
+        logger.info("%d classes: %s capped at %d", classes, ", ".join(capped), cap)
+        return replace(self, **capped)
 
 
 def autoattack_gaps(config: AttackConfig) -> list[str]:
@@ -148,6 +221,11 @@ def autoattack_gaps(config: AttackConfig) -> list[str]:
     gaps = [f"no {attack}" for attack in autoattack_suite() if attack not in config.attacks]
     gaps += [f"{name}={getattr(config, name)} (standard {value})"
              for name, value in autoattack_budgets(config.norm).items() if getattr(config, name) != value]
+    if config.eot_iter is not None and config.eot_iter > 1:
+        gaps.append(f"eot_iter={config.eot_iter} (standard: no EoT)")
+    targeted = [a for a in autoattack_suite() if a in config.attacks and "apgd_t_targeting" in get_attack(a).budget_fields]
+    if targeted and config.apgd_t_targeting != TARGETINGS[0]:
+        gaps.append(f"apgd_t_targeting={config.apgd_t_targeting} (standard {TARGETINGS[0]})")
     return gaps
 
 
@@ -162,7 +240,8 @@ def _attacks_help() -> str:
     names = ", ".join(attack_names())
     alias = ", ".join(f"{name} ({' + '.join(members)})" for name, members in aliases().items())
     return (f"the attacks (comma-separated on the command line), from the attack registry: {names}"
-            + (f"; or an alias: {alias}" if alias else "") + ".")
+            + (f"; or an alias: {alias}" if alias else "")
+            + f" (None: {', '.join(DEFAULT_ATTACKS)}, less those without a version for the norm).")
 
 
 def document_attacks() -> None:

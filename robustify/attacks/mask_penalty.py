@@ -42,11 +42,12 @@ class MaskPenaltyPGD(Attack):
         self.step_size = config.adaptive_step_size or 2.5 * config.eps / config.adaptive_steps
         self.lam = lam
         self.seed = config.seed
+        self.eot_iter = config.eot_iter or 1
 
     def _masks(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         with torch.no_grad(), site_inputs(self.model) as captured:
             self.model(x)
-        # in z's dtype, as the forward's (autocast too)
+        # tested as the forward tests its band (float32 for half inputs, autocast too)
         return {site: (captured[site].detach(), mask) for site, mask in blocked(self.model, captured).items()}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class MaskPenaltyPGD(Attack):
                 return value
 
             return pgd(self.model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size, norm=self.norm,
-                       loss=objective, generator=generator, first_adversarial=True)
+                       loss=objective, generator=generator, first_adversarial=True, eot_iter=self.eot_iter)
 
 
 def _eager(model: nn.Module) -> nn.Module:
@@ -93,6 +94,6 @@ def _budget(penalised: bool) -> Any:
 
 register_attack(AttackSpec(name="adaptive", kind="adaptive", build=_factory("adaptive", True), budget=_budget(True),
                            budget_fields=("adaptive_steps", "adaptive_lambda", "adaptive_step_size"),
-                           norms=("Linf", "L2")))
+                           norms=("Linf", "L2"), eot=True))
 register_attack(AttackSpec(name="pgd", kind="white-box", build=_factory("pgd", False), budget=_budget(False),
-                           budget_fields=("adaptive_steps", "adaptive_step_size"), norms=("Linf", "L2")))
+                           budget_fields=("adaptive_steps", "adaptive_step_size"), norms=("Linf", "L2"), eot=True))

@@ -41,6 +41,7 @@ def pgd(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     generator: torch.Generator | None = None,
     first_adversarial: bool = False,
+    eot_iter: int = 1,
 ) -> torch.Tensor:
     """PGD (Madry et al.) on images in [0, 1] in the ``norm`` ball (Linf or L2) of radius ``eps``.
 
@@ -51,7 +52,9 @@ def pgd(
     noise in the Linf cube of radius ``eps``, projected onto the ball. Random numbers come from
     ``generator`` (on its device; None: torch's global one). Returns the last iterate, or with
     ``first_adversarial`` per example the first iterate whose prediction is not ``y`` (the
-    last if none is). Only the input gets gradients; parameters are untouched. Used by the
+    last if none is). ``eot_iter`` > 1 averages each step's gradient over that many forwards (EoT, for a
+    model whose forward is random; with ``first_adversarial`` any of them misclassifying counts). Only the
+    input gets gradients; parameters are untouched. Used by the
     ``adaptive`` and ``pgd`` attacks (:class:`MaskPenaltyPGD`) and by adversarial training.
     """
     if steps == 0:
@@ -71,13 +74,15 @@ def pgd(
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(steps):
         delta.requires_grad_(True)
-        logits = model(x + delta)
-        if first_adversarial:
-            fooled = logits.argmax(1) != y
-            best[fooled & ~found] = (x + delta)[fooled & ~found].detach()
-            found |= fooled
-        value = loss(logits, target)
-        (grad,) = torch.autograd.grad(-value if targeted else value, delta)
+        grad = torch.zeros_like(x)
+        for _ in range(eot_iter):
+            logits = model(x + delta)
+            if first_adversarial:
+                fooled = logits.argmax(1) != y
+                best[fooled & ~found] = (x + delta)[fooled & ~found].detach()
+                found |= fooled
+            value = loss(logits, target)
+            grad += torch.autograd.grad(-value if targeted else value, delta)[0]
         with torch.no_grad():
             delta = _project(delta + _step(grad, step_size, norm), eps, norm)
             delta = (x + delta).clamp(0, 1) - x

@@ -3,12 +3,13 @@ instead of the identity, its temperature annealed: ``soft-bpda``."""
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from robustify.attacks.autoattack import shared_autoattack
+from robustify.attacks.autoattack import _set_apgd_iters, shared_autoattack
 from robustify.attacks.base import Attack, AttackSpec, register_attack
 from robustify.defenses.registry import soft_backward
 
@@ -29,6 +30,9 @@ class SoftBPDA(Attack):
     to cold (close to the true band); each stage starts from the previous stage's
     highest-loss point. Per example the first adversarial point found is returned (else
     the last stage's best). The forward is always the true model's.
+
+    It runs a copy of the AutoAttack's APGD at the budget it was built with: pyautoattack's L1
+    schedule (``use_largereps``) leaves the shared object with its last stage's iterations and eps.
     """
 
     name = "soft-bpda"
@@ -37,7 +41,9 @@ class SoftBPDA(Attack):
         self.model, self.aa, self.temperatures = model, aa, temperatures
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        apgd = self.aa.apgd
+        apgd = copy.copy(self.aa.apgd)  # its own: an L1 APGD-CE run left n_iter at its last stage's
+        _set_apgd_iters(apgd, apgd.n_iter_orig)
+        apgd.eps = apgd.eps_orig
         apgd.loss, apgd.seed = "ce", self.aa.get_seed()
         x = x.detach().clone().float()
         apgd.init_hyperparam(x)
@@ -71,4 +77,4 @@ def _budget(config: AttackConfig) -> dict[str, Any]:
 
 
 register_attack(AttackSpec(name="soft-bpda", kind="adaptive", build=_build, budget=_budget,
-                           budget_fields=("apgd_iters",), requires="soft_backward"))
+                           budget_fields=("apgd_iters",), requires="soft_backward", eot=True))

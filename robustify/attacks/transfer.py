@@ -1,8 +1,10 @@
 """The transfer attack: APGD-CE crafted on a source model (default: the attacked model with its defenses
-switched off, the ``disabled`` hook), evaluated on the attacked one: ``transfer``."""
+switched off, the ``disabled`` hook), evaluated on the attacked one: ``transfer``. It is crafted without EoT
+(the attacked model's randomness never enters its gradients; a random source is attacked as it is)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,7 @@ class TransferAttack(Attack):
     name = "transfer"
 
     def __init__(self, source: Callable[[torch.Tensor], torch.Tensor], config: AttackConfig, device: Any):
-        self.aa = make_autoattack(source, config, device)
+        self.aa = make_autoattack(source, dataclasses.replace(config, eot_iter=None), device)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.aa.apgd.loss = "ce"

@@ -5,7 +5,8 @@ user can fix (:class:`robustify.core.errors.UserError`, a file-system or a missi
 one line on stderr and exit status 2; anything else is a bug, reported as one (exit status 1, with the
 hint to rerun with ``--debug``, which shows the traceback). Commands live in small
 ``_cmd_*`` functions registered in :data:`COMMANDS` by their modules (:mod:`.calibrate`: inspect,
-calibrate; :mod:`.evaluate`: evaluate, audit, sweep, leaderboard, run; :mod:`.train`: train),
+calibrate; :mod:`.evaluate`: evaluate, audit, sweep, leaderboard, run; :mod:`.train`: train; :mod:`.study`: study;
+:mod:`.export`: export),
 each importing the library modules it calls; their config flags are made by :mod:`.flags`.
 """
 
@@ -22,6 +23,8 @@ from robustify.core.errors import UserError, first_line
 from robustify.cli import calibrate  # noqa: F401 - they register their commands, in --help's order
 from robustify.cli import evaluate
 from robustify.cli import train
+from robustify.cli import study
+from robustify.cli import export  # noqa: F401
 from robustify.cli.common import COMMANDS, register_command
 
 logger = logging.getLogger("robustify")

@@ -39,7 +39,8 @@ def register_command(
 # ------------------------------------------------------------------------------------------
 # shared argument groups
 # ------------------------------------------------------------------------------------------
-MODEL_FLAGS = ConfigFlags(EvaluationJob, ("dataset", "threat_model", "weights", "pretrained", "cache_dir", "device"),
+MODEL_FLAGS = ConfigFlags(EvaluationJob, ("dataset", "threat_model", "weights", "pretrained", "image_size", "new_head",
+                                          "cache_dir", "device"),
                           choices={"threat_model": ("Linf", "L2", "corruptions")})
 DATA_FLAGS = ConfigFlags(EvaluationJob, ("data", "holdout", "n_calib", "workers"))
 WORKERS_FLAGS = ConfigFlags(EvaluationJob, ("workers",))
@@ -47,7 +48,7 @@ WORKERS_FLAGS = ConfigFlags(EvaluationJob, ("workers",))
 
 def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        p.add_argument("model", help="robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function")
+        p.add_argument("model", help="robustbench:NAME, timm:NAME, small-resnet-at, aa-resnet18 or package.module:function")
     MODEL_FLAGS.add(p)
 
 

@@ -14,11 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from robustify.core.errors import UserError
 from robustify.core import distributed
-from robustify.attacks import AttackConfig, threat_norm
+from robustify.attacks import DEFAULT_ATTACKS as DEFAULT_ATTACK_LIST
+from robustify.attacks import AttackConfig, default_attacks, threat_norm
+from robustify.attacks.malt import TARGETINGS
 from robustify.evaluation.audit import AuditConfig
 from robustify.jobs.audit import audit_job
 from robustify.core.config import format_eps
@@ -26,6 +29,7 @@ from robustify.defenses import defense_names
 from robustify.load.data import load_model_data, to_tensors
 from robustify.evaluation.fast import PRECISIONS
 from robustify.reporting.leaderboard import to_markdown, write_leaderboard, write_result_table
+from robustify.reporting.settings import setting_columns, setting_symbol
 from robustify.load.models import load_model
 from robustify.jobs.evaluate import EvaluationJob, build_defended_model, not_robust_warning, run_evaluation
 from robustify.jobs.sweep import sweep
@@ -39,21 +43,27 @@ logger = logging.getLogger("robustify")
 
 __all__ = ["DEFAULT_ATTACKS", "attack_config", "audit_config", "job_from_args"]
 
-#: the attacks of ``evaluate`` and ``audit`` (those needing a defense hook run only where a defense offers it)
-DEFAULT_ATTACKS = "apgd-ce,apgd-dlr,square,bpda,bpda-apgd-t,adaptive,transfer"
+#: the attacks of ``evaluate`` and ``audit``: AttackConfig's default (:data:`~robustify.attacks.DEFAULT_ATTACKS`) as
+#: ``--attacks`` text (those needing a defense hook run only where a defense offers it; those without a version for
+#: the norm are left out, :func:`~robustify.attacks.default_attacks`)
+DEFAULT_ATTACKS = ",".join(DEFAULT_ATTACK_LIST)
 #: the defaults of ``sweep`` that differ from an evaluation's
 SWEEP_DEFAULTS: dict[str, Any] = {"n_examples": 200, "holdout": 500, "attacks": "apgd-ce,bpda"}
+#: the attacks of ``run``: both APGD losses on every row, and BPDA (both losses) through the defense, so that the base
+#: and defended rows face the same standard attacks and only BPDA is extra
+RUN_ATTACKS = ("apgd-ce", "apgd-dlr", "bpda")
 #: the defaults of the quick main job ``run`` that differ from an evaluation's
-RUN_DEFAULTS = {"model": "aa-resnet18", "n_examples": 100, "n_calib": 5000, "out": "runs/quick", "apgd_iters": 20}
+RUN_DEFAULTS = {"model": "small-resnet-at", "n_examples": 100, "n_calib": 5000, "out": "runs/quick", "apgd_iters": 20}
 
 ATTACK_FLAGS = ConfigFlags(
     AttackConfig, ("attacks", "eps", "seed", "batch_size", "individual", "apgd_iters", "apgd_restarts", "apgd_t_iters",
-                   "apgd_t_targets", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
-                   "adaptive_lambda", "adaptive_step_size"),
-    names={"batch_size": "attack-batch-size"}, parse={"attacks": comma_list})
+                   "apgd_t_targets", "apgd_t_targeting", "fab_iters", "fab_targets", "square_queries", "adaptive_steps",
+                   "adaptive_lambda", "adaptive_step_size", "eot_iter", "accept_no_eot"),
+    names={"batch_size": "attack-batch-size", "apgd_t_targeting": "targets"}, parse={"attacks": comma_list},
+    choices={"apgd_t_targeting": TARGETINGS})
 JOB_FLAGS = ConfigFlags(
     EvaluationJob, ("defense", "defense_weights", "n_examples", "calib_batch_size", "out", "leaderboard_dir",
-                    "progress", "compile", "precision"),
+                    "progress", "compile", "precision", "keep_adversarial"),
     choices={"precision": tuple(PRECISIONS)})
 AUDIT_FLAGS = ConfigFlags(AuditConfig, field_names(AuditConfig), prefix="audit-")
 RUN_FLAGS = {"job": ConfigFlags(EvaluationJob, ("model", "data", "n_examples", "n_calib", "out")),
@@ -71,13 +81,20 @@ SWEEP_DEFAULTS["defense"] = _default_defense("setting")
 
 def add_attack_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
     g = p.add_argument_group("attacks")
-    ATTACK_FLAGS.add(g, {"attacks": DEFAULT_ATTACKS, **(defaults or {})})
+    ATTACK_FLAGS.add(g, {"attacks": None, **(defaults or {})})
+    attacks = next(a for a in g._group_actions if a.dest == ATTACK_FLAGS.dest("attacks"))
+    if attacks.default is None:
+        attacks.help = (attacks.help or "").replace(
+            " (None:", " (default:").replace(", ".join(DEFAULT_ATTACK_LIST), DEFAULT_ATTACKS)
     g.add_argument("--norm", default=None, help="Linf, L2 or L1 (default: the --threat-model)")
 
 
 def attack_config(args: argparse.Namespace) -> AttackConfig:
-    return AttackConfig(norm=args.norm or threat_norm(args.threat_model), dataset=args.dataset,
-                        **ATTACK_FLAGS.values(args))
+    norm = args.norm or threat_norm(args.threat_model)
+    values = ATTACK_FLAGS.values(args)
+    if values["attacks"] is None:  # not given: the defaults that support the norm (no adaptive under L1)
+        values["attacks"] = default_attacks(norm, DEFAULT_ATTACKS)
+    return AttackConfig(norm=norm, dataset=args.dataset, **values)
 
 
 def _add_job_args(p: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
@@ -197,6 +214,43 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: Any) -> str:
+    """A table value as text ("" for a missing one)."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def compact_table(df: pd.DataFrame) -> str:
+    """The leaderboard's columns that matter, one aligned line per row, for the terminal: model, defense with its
+    setting, clean, each attack's accuracy, the worst case with its interval, the difference to the base row, the
+    verdict and flags (the files keep every column and the legend)."""
+    settings = setting_columns(df.columns)
+    attacks = [c for c in df.columns if c.endswith("_acc") and c not in ("clean_acc", "worst_case_acc",
+                                                                          "standard_acc", "autoattack_acc")]
+    skipped = [str(text).split("; ") for text in df.get("not_applicable", pd.Series([""] * len(df))).fillna("")]
+    header = ["model", "defense", "clean", *(c[:-4] for c in attacks), "worst case [95% CI]", "vs base", "verdict",
+              "flags"]
+    lines = [header]
+    for (_, row), na in zip(df.iterrows(), skipped):
+        setting = "".join(f" {setting_symbol(s)}={row[s]:g}" for s in settings if _cell(row[s]))
+        na_attacks = {item.split(":", 1)[0] for item in na if item}
+        lines.append([
+            _cell(row["model"]), f"{row['defense']}{setting}", f"{row['clean_acc']:.1f}",
+            *("n/a" if c[:-4] in na_attacks else (f"{row[c]:.1f}" if _cell(row[c]) else "") for c in attacks),
+            f"{row['worst_case_acc']:.1f} {_one_decimal(_cell(row.get('worst_case_ci95')))}".strip(),
+            f"{row['delta_worst_case']:+.1f}" if _cell(row.get("delta_worst_case")) else "",
+            _cell(row.get("verdict")), _cell(row.get("flags")) or "-",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _one_decimal(interval: str) -> str:
+    """``"[14.70, 26.20]"`` as ``"[14.7, 26.2]"``."""
+    if not interval:
+        return ""
+    return "[" + ", ".join(f"{float(v):.1f}" for v in interval.strip("[]").split(",")) + "]"
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, positional=False)
     RUN_FLAGS["job"].add(p, RUN_DEFAULTS)
@@ -214,7 +268,8 @@ def _check_identity(job: EvaluationJob) -> None:
     if defense.set_setting is None:
         return
     base, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=job.weights,
-                            pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
+                            pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device,
+                            image_size=job.image_size, new_head=job.new_head)
     x, _ = to_tensors(load_model_data(job.data, "test", info, n=min(16, job.n_examples), cache_dir=job.cache_dir),
                       workers=job.workers)
     x = x.to(job.device)
@@ -229,10 +284,10 @@ def _check_identity(job: EvaluationJob) -> None:
 
 
 @register_command("run", "the main job: robustify a model with a defense (default: MeanSparse), check it, and make "
-                         "a quick leaderboard (base vs defended, APGD-CE and BPDA)", _run_args)
+                         "a quick leaderboard (base vs defended, APGD-CE, APGD-DLR and BPDA)", _run_args)
 def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    attack = AttackConfig(attacks=("apgd-ce", "bpda"), norm=threat_norm(args.threat_model), dataset=args.dataset,
+    attack = AttackConfig(attacks=RUN_ATTACKS, norm=threat_norm(args.threat_model), dataset=args.dataset,
                           **RUN_FLAGS["attack"].values(args))
     job = {**RUN_FLAGS["job"].values(args), "out": str(out / "results" / "base")}
     base_job = EvaluationJob(**job, **MODEL_FLAGS.values(args), **WORKERS_FLAGS.values(args), attack=attack)
@@ -244,11 +299,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     defended_job = replace(base_job, defense=args.defense, defense_config=config, out=str(out / "results" / label))
     defended = run_evaluation(defended_job)
     _check_identity(defended_job)
-    print(to_markdown(write_leaderboard(out / "results", out / "leaderboard")))
-    setting = f" {defense.setting}={value:g}" if value is not None else ""
-    print(f"base: clean {100 * base.clean_acc:.2f}%, worst case {100 * base.worst_case_acc:.2f}%; "
-          f"{defense.title}{setting}: clean {100 * defended.clean_acc:.2f}%, "
-          f"worst case {100 * defended.worst_case_acc:.2f}% -> {out / 'leaderboard' / 'leaderboard.md'}")
+    table = write_leaderboard(out / "results", out / "leaderboard")
+    print(f"threat model {attack.norm} eps {format_eps(base.config['eps'], attack.norm)}, {base.n_examples} test "
+          f"examples, accuracies in % with their 95% intervals")
+    print(compact_table(table))
+    print(f"full results (every column, the legend, the page): {out / 'leaderboard'}/leaderboard.md, "
+          f"leaderboard.csv, index.html")
     warning = not_robust_warning(base, args.model)
     if warning:
         logger.warning("%s", warning)

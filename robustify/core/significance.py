@@ -56,7 +56,10 @@ def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
 
 
 def interval_pct(acc_pct: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The exact interval, in percent, of an accuracy given in percent over ``n`` examples."""
+    """The exact interval, in percent, of an accuracy given in percent over ``n`` examples.
+
+    The count is ``round(acc_pct * n / 100)``: exact for an unrounded percentage, or for one rounded to
+    2 decimals up to 10,000 examples only (pass the unrounded share above that)."""
     lo, hi = clopper_pearson(round(acc_pct * n / 100.0), n, confidence)
     return (100.0 * lo, 100.0 * hi)
 
@@ -111,8 +114,13 @@ def _requested(result: dict[str, Any]) -> set[str]:
     return set(result["config"]["attacks"]) | set(skipped)
 
 
+#: config keys that follow the model, not the user's budget: a random defense is attacked with EoT
+#: (``eot_iter``) where its deterministic base is not, and is still paired with it
+_PER_MODEL = ("attacks", "eot_iter", "accept_no_eot")
+
+
 def _budget(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in untagged(result["config"]).items() if k != "attacks"}
+    return {k: v for k, v in untagged(result["config"]).items() if k not in _PER_MODEL}
 
 
 def same_examples(a: dict[str, Any], b: dict[str, Any]) -> str | None:

@@ -20,6 +20,7 @@ hook                        used by
 ``setting``/``set_setting`` the numeric setting a sweep varies and a plot's x axis (MeanSparse's alpha)
 ``adopt``                   turns the defense's modules that came with a loaded model into its own
 ``fuse``                    the convert step before ``torch.compile`` (same state dict, same results)
+``export``                  ``robustify export``: RobustBench's own model class and its state dict
 ==========================  ==========================================================================
 
 Hooks take the model (the whole network) and act on every module of the defense in it, so a
@@ -134,6 +135,8 @@ class Defense:
         adopt: ``(model, example) -> model or None``: converts its modules that came with a loaded model
             (None: there were none).
         fuse: ``model -> model``: the convert step before ``torch.compile``.
+        export: ``(model, example) -> (module, state_dict)``: the robustified model as RobustBench's own class
+            (an instance computing the same logits) and the state dict to ship (``robustify export``).
         transfer: ``(model, path, example) -> model``: a pretrained file inserted frozen into another model
             (its sites mapped onto the model's; default: :attr:`load` with the same site names, then frozen).
 
@@ -176,6 +179,7 @@ class Defense:
     set_setting: Callable[[nn.Module, float], None] | None = None
     adopt: Callable[[nn.Module, torch.Tensor], nn.Module | None] | None = None
     fuse: Callable[[nn.Module], nn.Module] | None = None
+    export: Callable[[nn.Module, torch.Tensor], tuple[nn.Module, dict[str, torch.Tensor]]] | None = None
     transfer: Callable[[nn.Module, str | Path, torch.Tensor], nn.Module] | None = None
 
     def __post_init__(self) -> None:

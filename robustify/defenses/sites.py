@@ -6,8 +6,10 @@ Three steps, all without per-model code:
    and turns every functional activation (``F.relu``, ``torch.relu``, ``x.relu()``,
    ``F.gelu``...) into an activation module at ``<owner>.<fn>_<k>``; an activation module
    called more than once per forward (RobustBench's PAF networks share one PSSiLU) gets one
-   parameter-sharing copy per call. Models that need neither are returned unchanged; models
-   FX cannot trace keep their activation modules only (a warning says so).
+   parameter-sharing copy per call. Models that need neither are returned unchanged. A module
+   whose own forward FX cannot trace (data-dependent control flow) is kept as it is and its
+   submodules are traced one by one (a warning says so); an activation module that such a forward
+   calls several times gets one copy per call, chosen by call order (:class:`PerCall`).
 2. :func:`probe` runs one forward pass on zeros and records, per activation module, the
    input shape and the module that produced that input.
 3. :func:`plan_sites` turns that into :class:`Site` records with the channel axis (dim 1 for
@@ -23,6 +25,8 @@ from robustify.core.errors import UserError
 
 import copy
 import fnmatch
+import functools
+import itertools
 import logging
 import operator
 import re
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATION_CLASS_NAMES",
+    "PerCall",
     "Site",
     "is_activation",
     "modularize",
@@ -181,8 +186,15 @@ class _InPlaceProxy(fx.Proxy):
 
 
 class _ActivationLeafTracer(fx.Tracer):
+    """Keeps activation modules, and the modules in ``opaque`` (ids of modules whose own forward FX
+    cannot trace), as leaves."""
+
+    def __init__(self, opaque: set[int] | frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_activation(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_activation(m) or id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
@@ -267,21 +279,86 @@ def _trace_leaving_attributes(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
             now.update(before)
 
 
-def modularize(model: nn.Module) -> nn.Module:
-    """Return ``model`` with one activation module per activation call (see module doc).
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
-    The input model is not modified. If nothing needs rewriting, it is returned as is.
+
+def _traceable_parts(model: nn.Module) -> tuple[set[int], dict[int, tuple[fx.Tracer, fx.Graph]]]:
+    """Which modules FX cannot trace, and the graphs of the largest ones it can.
+
+    Top down: a module that traces (with the untraceable modules found so far as leaves) is done;
+    one that does not has its children visited first and is then traced once more with the
+    untraceable ones among them as leaves; if it still fails, its own forward is untraceable
+    (data-dependent control flow, iteration over a tensor...) and it becomes *opaque*: a leaf of
+    the graph of its parent, whose children are rewritten one by one (see :func:`_rewrite`).
+    Returns the ids of the opaque modules and, per traced module, its tracer and graph.
     """
-    try:
-        tracer = _ActivationLeafTracer()
-        graph = _trace_leaving_attributes(tracer, model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means "modules only"
-        logger.warning(
-            "torch.fx could not trace %s (%s): functional activation calls (F.relu, ...) are not "
-            "searched, only activation modules", type(model).__name__, str(exc).splitlines()[0] if str(exc) else exc,
-        )
-        return model
+    opaque: set[int] = set()
+    graphs: dict[int, tuple[fx.Tracer, fx.Graph]] = {}
 
+    def trace(module: nn.Module) -> Exception | None:
+        tracer = _ActivationLeafTracer(opaque)
+        try:
+            graphs[id(module)] = (tracer, _trace_leaving_attributes(tracer, module))
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means "look inside"
+            return exc
+        return None
+
+    def searchable(child: nn.Module) -> bool:
+        """Whether ``child`` may hold activation calls of its own: not an activation, not known opaque, and a
+        container or a class of its own (torch.nn's leaf layers have none)."""
+        return not is_activation(child) and id(child) not in opaque and (
+            bool(child._modules) or not type(child).__module__.startswith("torch.nn."))
+
+    def visit(module: nn.Module, path: str) -> None:
+        if trace(module) is None:
+            return
+        for name, child in module.named_children():
+            if searchable(child):
+                visit(child, f"{path}.{name}" if path else name)
+        error = trace(module)
+        if error is not None:
+            opaque.add(id(module))
+            open_containers(module)
+            if type(module).forward is not nn.Module.forward:  # a ModuleList/ModuleDict has no forward to search
+                failures.setdefault(type(module).__name__, (path or "<model>", _first_line(error), []))[2].append(path)
+
+    def open_containers(module: nn.Module) -> None:
+        """An untraceable forward may index its ``nn.Sequential`` children: they stay Sequentials (their
+        elements are rewritten one by one) rather than becoming a graph module."""
+        for child in module.children():
+            if isinstance(child, nn.Sequential) and id(child) not in opaque:
+                opaque.add(id(child))
+                graphs.pop(id(child), None)
+                for grandchild in child.children():
+                    if searchable(grandchild):
+                        visit(grandchild, "")
+                open_containers(child)
+
+    failures: dict[str, tuple[str, str, list[str]]] = {}
+    visit(model, "")
+    for cls, (first, reason, paths) in failures.items():
+        logger.warning(
+            "torch.fx could not trace the forward of %s (%d module(s), first at %r: %s): functional activation "
+            "calls (F.relu, ...) in it are not searched; its submodules are traced one by one",
+            cls, len(paths), first, reason,
+        )
+    return opaque, graphs
+
+
+def _structural_copy(module: nn.Module) -> nn.Module:
+    """A new module object with the same parameters, buffers, children and hooks (its own dicts of them), so
+    that children can be replaced without touching ``module``."""
+    clone = object.__new__(type(module))  # not copy.copy: a GraphModule's __reduce__ would rebuild it
+    clone.__dict__ = dict(module.__dict__)
+    for attr, value in list(clone.__dict__.items()):
+        if isinstance(value, dict) and (attr in ("_parameters", "_buffers", "_modules") or "hooks" in attr):
+            clone.__dict__[attr] = type(value)(value)
+    return clone
+
+
+def _rewrite_graph(model: nn.Module, tracer: fx.Tracer, graph: fx.Graph) -> nn.Module:
+    """One activation module per activation call in the traced ``graph`` of ``model`` (``model`` if none is needed)."""
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     todo = []
     for node in graph.nodes:
@@ -321,14 +398,162 @@ def modularize(model: nn.Module) -> nn.Module:
         gm.graph.erase_node(node)
         n_functional += 1
     gm.delete_all_unused_submodules()
-    gm._robustify_classes = {path: type(m).__name__ for path, m in model.named_modules()}
+    for key, value in vars(model).items():  # plain attributes, for a caller (an untraceable forward) that reads them
+        if not key.startswith("_") and key not in vars(gm) and not isinstance(value, (nn.Module, torch.Tensor)):
+            setattr(gm, key, value)
     gm.graph.lint()
     gm.recompile()
     logger.info(
-        "torch.fx: %d functional activation call(s) made modules, %d shared-module call(s) separated",
-        n_functional, n_shared,
+        "torch.fx: %d functional activation call(s) made modules, %d shared-module call(s) separated in %s",
+        n_functional, n_shared, type(model).__name__,
     )
     return gm
+
+
+def _outermost(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The entries of ``named`` (``named_modules`` order) not inside an earlier one."""
+    kept: list[tuple[str, nn.Module]] = []
+    for name, module in named:
+        if not any(name.startswith(f"{k}.") for k, _ in kept):
+            kept.append((name, module))
+    return kept
+
+
+def _rewrite(module: nn.Module, opaque: set[int], graphs: dict[int, tuple[fx.Tracer, fx.Graph]]) -> nn.Module:
+    """``module`` rewritten: from its graph if FX traced it, else child by child; itself if nothing changed."""
+    if id(module) not in opaque:
+        result = _rewrite_graph(module, *graphs[id(module)])
+        inner = _outermost([(name, m) for name, m in result.named_modules() if name and id(m) in opaque])
+    else:
+        result, inner = module, [(name, child) for name, child in module.named_children()
+                                 if id(child) in opaque or id(child) in graphs]
+    replaced = {name: new for name, child in inner if (new := _rewrite(child, opaque, graphs)) is not child}
+    if not replaced:
+        return result
+    if result is module:
+        result = _structural_copy(module)
+    for name, new in replaced.items():  # copy the containers on the way, so that ``module`` is not modified
+        parent = result
+        for part in name.split(".")[:-1]:
+            parent._modules[part] = _structural_copy(parent._modules[part])
+            parent = parent._modules[part]
+        parent._modules[name.rsplit(".", 1)[-1]] = new
+    return result
+
+
+class PerCall(nn.Module):
+    """Stands in for an activation module that a forward FX could not trace calls several times: the
+    ``k``-th call in one forward of its owner (the module holding it, whose forward pre-hook resets the
+    count and hands itself over) runs the owner's child ``calls[k]``, a parameter-sharing copy named
+    ``<name>_<k>``, so that each call is its own site (a defense may replace that child). More calls than
+    copies in one forward of the owner is an error."""
+
+    def __init__(self, name: str, calls: Sequence[str]) -> None:
+        super().__init__()
+        self.name = name
+        self.calls = list(calls)  # names of the owner's children, looked up at each call
+        self.next = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        k = self.next
+        if k >= len(self.calls):
+            raise RuntimeError(f"activation {self.name!r} was called more than the {len(self.calls)} times per "
+                               "forward of its owner seen when its calls were separated")
+        owner = self.__dict__.get("_owner")  # a plain attribute (not a submodule), set by the owner's pre-hook
+        if owner is None:
+            raise RuntimeError(f"activation {self.name!r} was called outside its owner's forward")
+        self.next = k + 1
+        return owner._modules[self.calls[k]](*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, calls {self.calls}"
+
+
+def _reset_calls(dispatchers: list[PerCall], module: nn.Module, args: Any) -> None:
+    for d in dispatchers:
+        d.next = 0
+        d.__dict__["_owner"] = module
+
+
+def _calls_per_owner_forward(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Per activation module called more than once in one forward of the module holding it: that count (max)."""
+    counts: Counter = Counter()
+    most: Counter = Counter()
+    handles = []
+
+    def count(name: str, module: nn.Module, args: Any) -> None:
+        counts[name] += 1
+        most[name] = max(most[name], counts[name])
+
+    def reset(names: list[str], module: nn.Module, args: Any) -> None:
+        for name in names:
+            counts[name] = 0
+
+    children: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if is_activation(module) and name:
+            children.setdefault(name.rpartition(".")[0], []).append(name)
+            handles.append(module.register_forward_pre_hook(functools.partial(count, name)))
+    for owner, names in children.items():
+        handles.append(model.get_submodule(owner).register_forward_pre_hook(functools.partial(reset, names)))
+    forward_once(model, example, handles)
+    return {name: k for name, k in most.items() if k > 1}
+
+
+def _separate_shared_calls(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Give every activation module that an untraceable forward calls several times one copy per call (:class:`PerCall`)."""
+    shared = _calls_per_owner_forward(model, example)
+    if not shared:
+        return model
+    result = _structural_copy(model)
+    owners: dict[str, list[PerCall]] = {}
+    for name, k in shared.items():
+        owner_path, _, attr = name.rpartition(".")
+        parent = result
+        for part in owner_path.split(".") if owner_path else []:  # copies on the way: the input is not modified
+            if parent._modules[part] is not None and not getattr(parent._modules[part], "_robustify_copy", False):
+                parent._modules[part] = _structural_copy(parent._modules[part])
+                parent._modules[part]._robustify_copy = True
+            parent = parent._modules[part]
+        source = parent._modules[attr]
+        calls: list[str] = []
+        for i in itertools.count():
+            if len(calls) == k:
+                break
+            if f"{attr}_{i}" not in parent._modules and not hasattr(parent, f"{attr}_{i}"):
+                calls.append(f"{attr}_{i}")
+                parent._modules[calls[-1]] = _parameter_sharing_copy(source)
+        parent._modules[attr] = PerCall(name, calls)
+        owners.setdefault(owner_path, []).append(parent._modules[attr])
+    for owner_path, dispatchers in owners.items():
+        owner = result.get_submodule(owner_path) if owner_path else result
+        owner.register_forward_pre_hook(functools.partial(_reset_calls, dispatchers))
+    for module in result.modules():
+        module.__dict__.pop("_robustify_copy", None)
+    logger.info("%d activation module(s) called several times by a forward torch.fx could not trace: one copy per "
+                "call (%d calls)", len(shared), sum(shared.values()))
+    return result
+
+
+def modularize(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """Return ``model`` with one activation module per activation call (see module doc).
+
+    When FX cannot trace a module's own forward (data-dependent control flow, a top-level wrapper
+    that picks a branch at run time), that module stays as it is and each of its submodules is
+    traced on its own (recursively), so the traceable parts are still searched. An activation
+    module that such a forward calls more than once is separated by call order (:class:`PerCall`)
+    when an ``example`` input is given (one forward counts the calls); without one it stays shared
+    and :func:`plan_sites` reports it.
+
+    The input model is not modified. If nothing needs rewriting, it is returned as is.
+    """
+    opaque, graphs = _traceable_parts(model)
+    result = _rewrite(model, opaque, graphs)
+    if example is not None and opaque:
+        result = _separate_shared_calls(result, example)
+    if result is not model:
+        result._robustify_classes = {path: type(m).__name__ for path, m in model.named_modules()}
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +598,7 @@ def _hook_activations_and_leaves(
     for name, module in model.named_modules():
         if is_activation(module):
             handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
-        elif not list(module.children()):
+        elif not list(module.children()) and not isinstance(module, PerCall):
             handles.append(module.register_forward_hook(leaf_hook))
     return handles
 

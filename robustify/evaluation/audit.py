@@ -16,7 +16,7 @@ four checks, each with its figure and a flag when it fails (thresholds in :class
   budget), and the mean input-gradient norm with and without BPDA; flagged when a site's
   share exceeds ``masked_share``.
 * **noise** (``noise-beats-white-box``): ``noise_draws`` uniform random points in the eps ball
-  of every example that all gradient-based attacks left unbroken; they must not break more than
+  of every example that all gradient-based attacks tried and left unbroken; they must not break more than
   ``noise_tolerance`` of all examples.
 
 The result is the ``audit`` entry of ``result.json`` (:func:`audit_result_file`); the
@@ -39,7 +39,7 @@ from torch import nn
 
 from robustify.core.errors import UserError
 from robustify.attacks import AttackConfig, attack_names, build_attack
-from robustify.evaluation.engine import _attack_batch, _chunks, _parameters_frozen, _predict
+from robustify.evaluation.engine import _attack_batch, _batch_seed, _chunks, _parameters_frozen, _predict
 from robustify.core.config import SerializableConfig
 from robustify.core.io import write_json
 from robustify.defenses.registry import blocked, site_inputs, straight_through, with_hook
@@ -112,10 +112,15 @@ def _breaks(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, idx: 
     return broken, passes
 
 
-def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: Any) -> list[bool]:
-    """Whether the model classifies each example correctly (in batches of ``batch_size``)."""
-    return [bool(c) for chunk in _chunks(list(range(len(x))), batch_size)
-            for c in (_predict(model, x[chunk].to(device)).cpu() == y[chunk]).tolist()]
+def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: Any,
+                   seed: int | None = None) -> list[bool]:
+    """Whether the model classifies each example correctly (in batches of ``batch_size``); ``seed``: each batch
+    under the evaluation's seed for its clean batch (a random model then repeats the evaluation's draws)."""
+    out: list[bool] = []
+    for k, chunk in enumerate(_chunks(list(range(len(x))), batch_size)):
+        with _batch_seed(seed is not None, seed or 0, "clean", k, device):
+            out += [bool(c) for c in (_predict(model, x[chunk].to(device)).cpu() == y[chunk]).tolist()]
+    return out
 
 
 def check_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AttackConfig, audit: AuditConfig,
@@ -233,9 +238,10 @@ def _noise(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -
 
 def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
                 audit: AuditConfig, device: Any = "cpu") -> dict[str, Any]:
-    """Random points in the eps ball of the examples every gradient-based attack left unbroken."""
+    """Random points in the eps ball of the examples every gradient-based attack tried and left unbroken (in
+    sequential mode, not those a black-box attack broke before a gradient attack could try them)."""
     gradient = _gradient_attacks([a for a in result.attack_acc if a in result.per_example])
-    left = _per_example_robust(result, gradient)
+    left = [i for i in _per_example_robust(result, gradient) if all(result.per_example[a][i] == 0 for a in gradient)]
     generator = torch.Generator().manual_seed(config.seed)
     broken = set()
     for chunk in _chunks(left, config.batch_size):
@@ -250,9 +256,10 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: Eval
 
 def _check_same_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: EvalResult, config: AttackConfig,
                       device: Any) -> list[bool]:
-    """The audited model must classify the examples exactly as the evaluated one did; returns
-    their clean correctness."""
-    clean = _clean_correct(model, x, y, config.batch_size, device)
+    """The audited model must classify the examples exactly as the evaluated one did (a random model under
+    the evaluation's seeds); returns their clean correctness."""
+    seed = config.seed if (result.meta or {}).get("random_forward") else None
+    clean = _clean_correct(model, x, y, config.batch_size, device, seed)
     differ = sum(c != bool(e) for c, e in zip(clean, result.per_example["clean_correct"]))
     if differ:
         raise UserError(f"the audited model or examples differ from the evaluated ones: clean predictions "

@@ -5,7 +5,8 @@ rows of its output to ``forward``, and, when the output is part of a graph, an a
 on it adds the rows of its gradient to ``backward`` each time a backward pass reaches it.
 A pass over a batch of ``B`` examples counts ``B``: the figures are *example-passes*,
 comparable across batch sizes and attacks. :func:`summarise` turns per-attack totals into
-the ``cost`` entry of a ``result.json``.
+the ``cost`` entry of a ``result.json``: one entry per attack and per phase that is not an
+attack (:data:`PHASES`: clean accuracy, and AutoAttack's own checks on the first batch).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PassCounter", "summarise"]
+__all__ = ["CHECKS", "CLEAN", "PHASES", "PassCounter", "summarise"]
+
+#: the ``cost`` entries that are not attacks: clean accuracy, and the checks: the model's logit width (1 forward
+#: of the first batch) and AutoAttack's own (pyautoattack's ``checks.check_randomized``, ``check_range_output``,
+#: ``check_dynamic``: 7 forwards of the first correctly classified batch)
+CLEAN, CHECKS = "clean", "checks"
+PHASES = (CLEAN, CHECKS)
 
 
 class PassCounter:

@@ -18,8 +18,8 @@
   edge may be treated differently by the two paths. Measured cost:
   ``benchmarks/results/bench_meansparse.csv``.
 * :func:`autocast` runs evaluation in bf16/fp16 (``torch.autocast``) while MeanSparse
-  statistics stay float32 buffers (moments float64); the thresholds are cast to the
-  activation dtype exactly as the reference formula would.
+  statistics stay float32 buffers (moments float64); the band is tested in float32 (the
+  activation promoted, as RobustBench's ``MeanSparse`` does) and the output keeps the activation dtype.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def autocast(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bflo
     """Mixed-precision evaluation: ``torch.autocast`` for ``device`` with ``dtype``.
 
     MeanSparse statistics are untouched (float32 buffers); inside the block activations
-    arrive in ``dtype`` and the thresholds are applied in ``dtype``.
+    arrive in ``dtype``, the band is tested in float32 (as RobustBench's module) and outputs stay in ``dtype``.
     """
     device_type = torch.device(device).type
     if dtype not in (torch.bfloat16, torch.float16):

@@ -66,6 +66,7 @@ class EvalResult:
     finished: str | None = None  # UTC ISO time the result was written (the newest duplicate wins)
     data_fingerprint: str | None = None  # sha256 of the evaluated images and labels (pairs rows)
     cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # per phase: passes and seconds (cost.py)
+    adversarial: str | None = None  # the worst-case adversarial examples' file in the result's directory, if kept
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,42 +126,74 @@ def _breaks(result: EvalResult, attack: str) -> set[int]:
     return {i for i, v in enumerate(result.per_example.get(attack, [])) if v == 1}
 
 
+def _saw(result: EvalResult, attack: str) -> set[int]:
+    """The examples ``attack`` ran on (its per-example record is 0 or 1; None: it never saw the example)."""
+    return {i for i, v in enumerate(result.per_example.get(attack, [])) if v is not None}
+
+
 def _among(attacks: list[str], names: tuple[str, ...]) -> list[str]:
     """The attacks of ``attacks`` that are among ``names``, in ``attacks``' order."""
     return [a for a in attacks if a in names]
+
+
+def _beaten(result: EvalResult, challengers: list[str], baseline: list[str]) -> set[int]:
+    """The examples some attack of ``challengers`` broke that every attack of ``baseline`` saw and left robust.
+
+    An example a baseline attack never ran on (in sequential mode: one broken before it ran) says nothing
+    about that attack, so it does not count: a challenger only beats the baseline where the baseline tried.
+    """
+    broken = set().union(*[_breaks(result, a) for a in challengers]) if challengers else set()
+    for attack in baseline:
+        broken &= _saw(result, attack) - _breaks(result, attack)
+    return broken
 
 
 def audit(result: EvalResult) -> list[str]:
     """Flags that suggest gradient masking or an unreliable evaluation.
 
     * ``black-box-beats-white-box``: a black-box attack (Square, transfer) breaks examples that
-      every white-box attack run left robust (more than 0.2 points, as AutoAttack's check).
-    * ``bpda-beats-standard``: a straight-through (BPDA) attack breaks examples standard APGD did not.
-    * ``adaptive-beats-standard``: the adaptive attack breaks examples standard attacks did not.
+      every white-box attack run saw and left robust (more than 0.2 points, as AutoAttack's check).
+    * ``bpda-beats-standard``: a straight-through (BPDA) attack breaks examples every standard
+      white-box attack saw and left robust.
+    * ``adaptive-beats-standard``: the adaptive attack breaks examples every standard attack saw and
+      left robust.
     * ``autoattack-checks``: one of AutoAttack's own checks fired (see ``aa_checks``).
+    * ``random-without-eot``: the model's forward is random (``meta["random_forward"]``) and no attack
+      averaged its gradients over several forwards (EoT: ``eot_iter`` 1, or only attacks without EoT such as
+      Square): its robust accuracy is an overestimate. (A random model's clean accuracy is one forward per
+      example, as AutoAttack's; an example is robust when the forward checking an attack's output is right.)
 
-    What an attack is (white-box, black-box, straight-through, standard) is the attack registry's
-    (:func:`robustify.attacks.attack_names`).
+    Each comparison counts only examples the compared attacks all ran on (:func:`_beaten`): in
+    sequential mode an attack never sees what an earlier one broke. What an attack is (white-box,
+    black-box, straight-through, standard) is the attack registry's (:func:`robustify.attacks.attack_names`).
     """
     n = max(result.n_examples, 1)
     attacks = list(result.attack_acc)
     white = _among(attacks, attack_names(kind="white-box"))
     flags = []
 
-    def extra(attacks_a: list[str], attacks_b: list[str]) -> float:
-        a = set().union(*[_breaks(result, x) for x in attacks_a]) if attacks_a else set()
-        b = set().union(*[_breaks(result, x) for x in attacks_b]) if attacks_b else set()
-        return len(a - b) / n
+    def extra(challengers: list[str], baseline: list[str]) -> float:
+        return len(_beaten(result, challengers, baseline)) / n
 
     if white and extra(_among(attacks, attack_names(gradient=False)), white) > AUDIT_MARGIN:
         flags.append("black-box-beats-white-box")
-    std_apgd = [a for a in attacks if a in ("apgd-ce", "apgd-dlr")]
     bpda_attacks = _among(attacks, attack_names(requires="straight_through"))
-    if std_apgd and bpda_attacks and extra(bpda_attacks, std_apgd) > AUDIT_MARGIN:
+    standard_white = _among(attacks, attack_names(kind="white-box", standard=True))
+    if standard_white and bpda_attacks and extra(bpda_attacks, standard_white) > AUDIT_MARGIN:
         flags.append("bpda-beats-standard")
     standard = _among(attacks, attack_names(standard=True))
     if standard and "adaptive" in attacks and extra(["adaptive"], standard) > AUDIT_MARGIN:
         flags.append("adaptive-beats-standard")
     if result.aa_checks:
         flags.append("autoattack-checks")
+    if _random_without_eot(result):
+        flags.append("random-without-eot")
     return flags
+
+
+def _random_without_eot(result: EvalResult) -> bool:
+    """The forward is random and no attack of the result ran with EoT (more than one forward per gradient)."""
+    if not (result.meta or {}).get("random_forward"):
+        return False
+    with_eot = _among(list(result.attack_acc), attack_names(eot=True))
+    return not with_eot or (result.config.get("eot_iter") or 1) < 2

@@ -41,7 +41,7 @@ class EvaluationJob(SerializableConfig):
     """Everything one evaluation needs; the CLI's flags are made from these fields (and their help from here).
 
     Attributes:
-        model: robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function.
+        model: robustbench:NAME, timm:NAME, small-resnet-at, aa-resnet18 or package.module:function.
         defense: none, or a registered defense (:func:`robustify.defenses.defense_names`).
         data: a registered dataset's NAME or NAME:DIR (cifar10, cifar100, imagenet:DIR), folder:DIR or a .npz file
             (x_train, y_train, x_test, y_test).
@@ -51,6 +51,11 @@ class EvaluationJob(SerializableConfig):
         defense_weights: the defense's file: a calibration (``robustify calibrate``) or trained parameters
             (``robustify train``); a weights file with a robustify sidecar is taken as this too.
         pretrained: download pretrained weights (unless a weights file is given).
+        image_size: the side of the square images the model takes (None: the dataset's; a timm model's own
+            pretrained size); a timm model is built for it (its img_size where it takes one: ViTs; a
+            convolutional model takes any size). Nothing is resized.
+        new_head: pretrained timm weights for another number of classes than the dataset's get a new,
+            randomly initialised classifier (without this flag, that is an error).
         cache_dir: where downloads are cached (None: $ROBUSTIFY_CACHE or ~/.cache/robustify).
         device: torch device.
         n_examples: the first N examples of the split are evaluated.
@@ -69,6 +74,8 @@ class EvaluationJob(SerializableConfig):
         compile: attack the torch.compile'd model (MeanSparse fused into ReLU): about a minute of
             compilation, then ~1.5x faster on CPU (benchmarks/results/compiled_eval.csv).
         precision: autocast the attacked model: float32, bfloat16 or float16 (MeanSparse statistics stay float32).
+        keep_adversarial: keep the worst-case adversarial examples in ``out``/adversarial.pt (per example: the
+            input of the first attack that broke it, else the clean input; for ``robustify export``).
 
     Examples:
         >>> from robustify.attacks import AttackConfig
@@ -88,6 +95,8 @@ class EvaluationJob(SerializableConfig):
     weights: str | None = None
     defense_weights: str | None = None
     pretrained: bool = True
+    image_size: int | None = None
+    new_head: bool = False
     cache_dir: str | None = None
     device: str = "cpu"
     n_examples: int = 1000
@@ -103,6 +112,7 @@ class EvaluationJob(SerializableConfig):
     progress: bool = True
     compile: bool = False
     precision: str = "float32"
+    keep_adversarial: bool = False
 
     def __post_init__(self) -> None:
         if self.defense != "none" and self.defense not in defenses.defense_names():
@@ -273,7 +283,8 @@ def build_defended_model(job: EvaluationJob) -> tuple[nn.Module, ModelInfo, nn.M
         weights, defense_weights = None, weights  # `--weights` named the defense's file
         job = replace(job, weights=None, defense_weights=defense_weights)
     model, info = load_model(job.model, dataset=job.dataset, threat_model=job.threat_model, weights=weights,
-                             pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device)
+                             pretrained=job.pretrained, cache_dir=job.cache_dir, device=job.device,
+                             image_size=job.image_size, new_head=job.new_head)
     if job.defense == "none":
         return model, info, None
     defense = defenses.get_defense(job.defense)
@@ -299,6 +310,10 @@ def _job_meta(job: EvaluationJob, info: ModelInfo, model: nn.Module) -> dict[str
             meta.update(defense.record(model, config if applied else None))
     meta.update({"dataset": info.dataset, "data": job.data, "split": job.split, "weights": job.weights,
                  "defense_weights": job.defense_weights})
+    if job.image_size is not None:  # the model was built for other images than its own (a timm model)
+        meta["image_size"] = job.image_size
+    if info.extra.get("new_head"):
+        meta["new_head"] = True
     if job.precision != "float32":  # results depend on it; compiling changes float32 rounding only
         meta["precision"] = job.precision
     if reads_image_files(job.data):  # how the image files were turned into the model's inputs
@@ -360,7 +375,7 @@ def run_evaluation(job: EvaluationJob) -> EvalResult:
     meta["not_applicable"] = skipped
     result = evaluate(_attacked(job, model), x, y, config, out_dir=job.out, meta=meta, source_model=source,
                       device=job.device, num_classes=info.num_classes, input_size=info.input_size,
-                      progress=job.progress)
+                      progress=job.progress, keep_adversarial=job.keep_adversarial)
     if job.leaderboard_dir and distributed.is_main():
         from robustify.reporting.leaderboard import write_leaderboard
 

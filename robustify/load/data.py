@@ -54,7 +54,8 @@ def check_image_size(image_shape: tuple[int, ...], input_size: tuple[int, ...]) 
             f"(input size {expected})"
         )
     if len(expected) == 3 and tuple(image_shape[1:]) != expected[1:]:
-        raise DataError(f"images are {image_shape[1]}x{image_shape[2]}; the model expects {expected[1]}x{expected[2]}")
+        raise DataError(f"images are {image_shape[1]}x{image_shape[2]}; the model expects {expected[1]}x{expected[2]} "
+                        "(--image-size N sets the model's input size: a timm model is built for N x N images)")
 
 
 def validate_batch(

@@ -8,7 +8,9 @@ Specs:
 * ``timm:NAME`` — a timm model (pretrained or not), wrapped with its input normalisation;
   ``timm:hf-hub:ORG/NAME`` reads the model's ``config.json`` from the Hugging Face hub. Weights
   come from the Hugging Face cache (``HF_HUB_CACHE``; with ``HF_HUB_OFFLINE=1``, only from it).
-* ``aa-resnet18`` — AutoAttack's example CIFAR-10 ResNet-18, whose weights ship inside the
+* ``small-resnet-at`` — robustify's own small adversarially trained CIFAR-10 ResNet-8 (78k parameters), whose
+  weights ship inside this package (:mod:`robustify.load.small_resnet`): the default model of ``robustify run``.
+* ``aa-resnet18`` — AutoAttack's example CIFAR-10 ResNet-18 (standard-trained), whose weights ship inside the
   ``pyautoattack`` wheel.
 * ``package.module:function`` — any factory returning an ``nn.Module``.
 
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustify.load import small_resnet
 from robustify.load._loading import first_line, html_page_error
 from robustify.load.datasets import FieldTable, find_dataset
 from robustify.core.errors import ModelLoadError
@@ -234,21 +237,75 @@ def _robustbench(name: str, dataset: str, threat_model: str, pretrained: bool, c
         ) from exc
 
 
-def _timm(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, tuple[int, int, int]]:
+def _timm_pretrained_classes(name: str) -> int | None:
+    """The number of classes of timm model ``name``'s pretrained weights (None: unknown), without the weights."""
+    from timm.models import get_pretrained_cfg
+
+    if name.startswith("hf-hub:"):
+        from timm.models._hub import load_model_config_from_hf
+
+        try:
+            return load_model_config_from_hf(name[len("hf-hub:"):])[0].get("num_classes")
+        except Exception:  # noqa: BLE001 - create_model reports the hub's errors
+            return None
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: create_model reports it
+        return None
+    return cfg.num_classes if cfg is not None else None
+
+
+def _timm(name: str, pretrained: bool, num_classes: int | None, *, dataset: str, image_size: int | None = None,
+          new_head: bool = False) -> tuple[nn.Module, tuple[int, int, int], bool]:
+    """timm model ``name`` behind its normalisation, its pretrained input size and whether its head was
+    re-initialised.
+
+    ``image_size``: build it for square images of that side (timm's ``img_size`` for the models taking one, such
+    as ViTs; a convolutional model takes any size as it is). Pretrained weights for another number of classes
+    than ``num_classes`` get a random new head (timm's doing) only with ``new_head``; otherwise that is an error.
+    """
     import timm
 
     if not name.startswith("hf-hub:") and not timm.is_model(name):  # hf-hub:ORG/NAME: config.json from the hub
         raise ModelLoadError(f"unknown timm model {name!r}")
-    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes is not None else {}
+    reinit = False
+    if pretrained and num_classes is not None:
+        weights_classes = _timm_pretrained_classes(name)
+        reinit = weights_classes is not None and weights_classes != num_classes
+        if reinit and not new_head:
+            raise ModelLoadError(
+                f"timm:{name}'s pretrained weights are for {weights_classes} classes, dataset {dataset} has "
+                f"{num_classes}: timm would replace their classifier with a random one; ask for that with "
+                f"new_head=True (--new-head), or give weights for {num_classes} classes (--weights FILE)")
     try:
-        net = timm.create_model(name, pretrained=pretrained, **kwargs)
+        net = _create_timm(name, pretrained, kwargs, image_size)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(_timm_error(name, exc)) from exc
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
-    return NormalizedModel(net, mean, std), input_size  # type: ignore[return-value]
+    if reinit:
+        logger.warning("timm:%s: pretrained weights with a new, randomly initialised %d-class head (new_head)", name,
+                       num_classes)
+    return NormalizedModel(net, mean, std), input_size, reinit  # type: ignore[return-value]
+
+
+def _create_timm(name: str, pretrained: bool, kwargs: dict[str, Any], image_size: int | None) -> nn.Module:
+    """``timm.create_model``, for ``image_size`` images where the model's constructor takes ``img_size``."""
+    import timm
+
+    if image_size is None:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, img_size=image_size, **kwargs)
+    except TypeError as exc:  # a model of any input size (a CNN): its constructor has no img_size
+        if "img_size" not in str(exc):
+            raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def _timm_error(name: str, exc: Exception) -> str:
@@ -305,16 +362,20 @@ def load_model(
     pretrained: bool = True,
     cache_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
+    image_size: int | None = None,
+    new_head: bool = False,
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model from a spec (see the module doc). Returns ``(model.eval(), info)``.
 
     A defense's modules that came with the model become robustify's (each registered defense's
     ``adopt`` hook): RobustBench's published MeanSparse models, for one, keep their outputs.
-    Raises :class:`ModelLoadError` with a one-line reason for unknown specs and unusable
-    checkpoints.
+    The model's logits must have the dataset's number of classes (one forward of one example).
+    Raises :class:`ModelLoadError` with a one-line reason for unknown specs, unusable
+    checkpoints and a model that does not fit the dataset.
 
     Args:
-        spec: ``robustbench:NAME``, ``timm:NAME``, ``aa-resnet18`` or ``package.module:function``.
+        spec: ``robustbench:NAME``, ``timm:NAME``, ``small-resnet-at``, ``aa-resnet18`` or
+            ``package.module:function``.
         dataset: the model's dataset (RobustBench's leaderboard; a registered dataset).
         threat_model: the model's threat model (RobustBench's leaderboard): ``Linf``, ``L2`` or ``corruptions``.
         weights: a local checkpoint (safetensors, or a weights-only PyTorch file) loaded instead of the
@@ -323,6 +384,11 @@ def load_model(
             architecture only.
         cache_dir: where downloads are cached (None: ``$ROBUSTIFY_CACHE`` or ``~/.cache/robustify``).
         device: the torch device to put the model on.
+        image_size: the side of the square images the model takes (None: the dataset's; a timm model's own
+            pretrained size), a timm model being built for it (its ``img_size``, where its constructor takes
+            one). Nothing is resized.
+        new_head: pretrained timm weights for another number of classes than the dataset's get a new, random
+            classifier (else that is an error).
 
     Returns:
         ``(model, info)``: the model in eval mode, taking inputs in [0, 1], and its :class:`ModelInfo`.
@@ -337,12 +403,18 @@ def load_model(
         raise ModelLoadError(f"unknown dataset {dataset!r}; choose from {sorted(DATASET_INPUT)}")
     if threat_model not in THREAT_MODELS:
         raise ModelLoadError(f"unknown threat model {threat_model!r}; choose from {list(THREAT_MODELS)}")
+    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
+        raise ModelLoadError(f"image_size must be a positive number of pixels, got {image_size!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     input_size = facts.input_size
     num_classes = facts.classes
     download = pretrained and weights is None
+    reinit = False
     target: nn.Module
-    if spec == "aa-resnet18":
+    if spec == small_resnet.NAME:
+        source, name = "robustify", spec
+        model = target = small_resnet.load_small_resnet_at(download)
+    elif spec == "aa-resnet18":
         source, name = "aa", spec
         model = target = _aa_resnet18(download)
     elif spec.startswith("robustbench:"):
@@ -350,15 +422,19 @@ def load_model(
         model = target = _robustbench(name, dataset, threat_model, download, cache)
     elif spec.startswith("timm:"):
         source, name = "timm", spec.split(":", 1)[1]
-        model, input_size = _timm(name, download, None if facts.timm_pretrained else num_classes)
+        model, input_size, reinit = _timm(name, download, None if facts.timm_pretrained else num_classes,
+                                          dataset=dataset, image_size=image_size, new_head=new_head)
         target = model.model  # type: ignore[assignment]
     elif ":" in spec and not spec.startswith(("/", ".")):
         source, name = "factory", spec
         model = target = _factory(spec)
     else:
         raise ModelLoadError(
-            f"unknown model spec {spec!r}: use robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function"
+            f"unknown model spec {spec!r}: use robustbench:NAME, timm:NAME, "
+            f"{small_resnet.NAME}, aa-resnet18 or package.module:function"
         )
+    if image_size is not None:
+        input_size = (input_size[0], image_size, image_size)
     if weights is not None:
         _load_weights(target, weights)
         logger.info("loaded weights from %s", weights)
@@ -376,6 +452,23 @@ def load_model(
         num_classes=num_classes,
         weights=str(weights) if weights is not None else None,
         pretrained=pretrained,
-        preprocessing=model_preprocessing(source, name, dataset, threat_model, target),
+        preprocessing=model_preprocessing(source, name, dataset, threat_model, target,
+                                          input_size=input_size if image_size is not None else None),
+        extra={"new_head": True} if source == "timm" and reinit else {},
     )
-    return model.to(device).eval(), info
+    model = model.to(device).eval()
+    _check_classes(model, info, device)
+    return model, info
+
+
+def _check_classes(model: nn.Module, info: ModelInfo, device: torch.device | str) -> None:
+    """Refuse a model whose logits do not have the dataset's number of classes (one forward of one example)."""
+    with torch.no_grad():
+        logits = model(info.example_input(batch=1, device=device))
+    width = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+    if width != info.num_classes:
+        has = f"has {width} logits" if width is not None else (
+            f"returns {tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}, not logits")
+        raise ModelLoadError(
+            f"{info.spec} {has} but dataset {info.dataset!r} has {info.num_classes} classes: give the model's dataset "
+            f"(--dataset), or register one with its classes (robustify.load.datasets.register_dataset)")

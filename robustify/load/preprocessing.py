@@ -61,8 +61,9 @@ def _timm_config(net: nn.Module) -> dict[str, Any]:
 
 
 def model_preprocessing(source: str, name: str, dataset: str, threat_model: str,
-                        net: nn.Module | None = None) -> dict[str, Any]:
-    """Describe the preprocessing of a loaded model (``net``: the timm model, for ``timm``).
+                        net: nn.Module | None = None, *, input_size: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Describe the preprocessing of a loaded model (``net``: the timm model, for ``timm``; ``input_size``: the
+    size a timm model was built for, where it is not its pretrained config's).
 
     ``{"source": "robustbench", "name": KEY}`` (a key of RobustBench's ``PREPROCESSINGS``,
     or ``"timm"`` for the zoo's timm-registered models), ``{"source": "timm", "input_size",
@@ -73,7 +74,8 @@ def model_preprocessing(source: str, name: str, dataset: str, threat_model: str,
         keys = [k for k, v in _robustbench_data().PREPROCESSINGS.items() if v is transform]
         return {"source": "robustbench", "name": keys[0] if keys else "timm"}
     if source == "timm" and net is not None:
-        return {"source": "timm", **_timm_config(net)}
+        config = _timm_config(net)
+        return {"source": "timm", **config, **({"input_size": list(input_size)} if input_size is not None else {})}
     return {"source": "default", "name": _dataset_default(dataset)}
 
 

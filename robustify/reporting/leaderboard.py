@@ -3,7 +3,8 @@
 :func:`collect` reads every ``result.json`` below a directory; :func:`build_table` makes one
 row per (model, defense, settings), ranked by worst-case robust accuracy (RobustBench ranks
 by the best known robust accuracy); :func:`write_leaderboard` runs the registered output formats
-(:mod:`robustify.reporting.writers`: the CSV, a markdown table, RobustBench-style ``model_info`` JSON
+(:mod:`robustify.reporting.writers`: the CSV (every column), markdown tables (:mod:`robustify.reporting.tables`:
+the columns a reader compares first, at most 12 columns a table), RobustBench-style ``model_info`` JSON
 per row, the plots, the web page, the LaTeX table, and the plugins' formats). A defense's setting
 (its registered ``setting``, e.g. MeanSparse's ``alpha``) is a column when some row has a value for it
 (:mod:`robustify.reporting.settings`). Every file is written atomically and rebuilt from the results,
@@ -27,8 +28,10 @@ from robustify.attacks import AttackConfig, attack_names, autoattack_gaps, autoa
 from robustify.core.config import format_eps, untagged
 from robustify.core.io import atomic_path
 from robustify.reporting.settings import setting_columns, setting_names
+from robustify.reporting.tables import markdown_tables
 from robustify.reporting.writers import WriteContext, run_writers
 from robustify.core.significance import LEVEL, ci_text, find_base, paired_comparison, robust_mask
+from robustify.evaluation.cost import PHASES
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +143,11 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
         "mode": "individual" if config.get("individual") else "sequential",
         "clean_acc": _pct(result["clean_acc"]),
     }
-    for attack, acc in result["attack_acc"].items():
-        row[f"{attack}_acc"] = _pct(acc)
-    std = _standard_acc(result)
-    row["standard_acc"] = _pct(std) if std is not None else None
-    aa = _autoattack_acc(result, cfg)
-    row["autoattack_acc"] = _pct(aa) if aa is not None else None
-    row["worst_case_acc"] = _pct(result["worst_case_acc"])
-    _add_intervals(row)
+    shares = {"clean_acc": result["clean_acc"], **{f"{a}_acc": acc for a, acc in result["attack_acc"].items()},
+              "standard_acc": _standard_acc(result), "autoattack_acc": _autoattack_acc(result, cfg),
+              "worst_case_acc": result["worst_case_acc"]}
+    row.update({col: _pct(share) if share is not None else None for col, share in shares.items()})
+    _add_intervals(row, shares)
     row["flags"] = ";".join(list(result.get("flags", [])) + list((result.get("audit") or {}).get("flags", [])))
     row.update(_audit_columns(result))
     skipped = meta.get("not_applicable") or {}
@@ -181,7 +181,7 @@ def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
     """``passes`` (forward + backward example-passes of every phase), per example; per attack
     ``cost`` ``attack=F+B`` (forward and backward passes per attacked example) and
     ``seconds_per_attack`` ``attack=S`` (wall seconds per attacked example)."""
-    cost = {a: c for a, c in (result.get("cost") or {}).items() if a != "clean"}
+    cost = {a: c for a, c in (result.get("cost") or {}).items() if a not in PHASES}
     if not cost:
         return {"passes": None, "passes_per_example": None, "cost": "", "seconds_per_attack": ""}
     total = sum(c["forward"] + c["backward"] for c in (result.get("cost") or {}).values())
@@ -190,10 +190,13 @@ def _cost_columns(result: dict[str, Any]) -> dict[str, Any]:
             "seconds_per_attack": " ".join(f"{a}={c['seconds_per_example']:g}" for a, c in cost.items())}
 
 
-def _add_intervals(row: dict[str, Any]) -> None:
-    """A 95% exact interval ``<x>_ci95`` for every accuracy column ``<x>_acc`` of the row."""
+def _add_intervals(row: dict[str, Any], shares: dict[str, float | None]) -> None:
+    """A 95% exact interval ``<x>_ci95`` for every accuracy column ``<x>_acc`` of the row, from the exact
+    count (``shares``: the unrounded fractions; the row's percentages, rounded to 2 decimals, lose the
+    count above 10,000 examples)."""
     for col in [c for c in row if c.endswith("_acc")]:
-        row[col[:-4] + "_ci95"] = ci_text(row[col], row["n_examples"])
+        share = shares.get(col)
+        row[col[:-4] + "_ci95"] = ci_text(100.0 * share if share is not None else row[col], row["n_examples"])
 
 
 def _add_paired(df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
@@ -288,52 +291,9 @@ def build_table(results: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A readable markdown leaderboard (accuracies in percent)."""
-    if df.empty:
-        return "_no results yet_\n"
-    show = [c for c in df.columns if c not in ("settings_id", "result", "robustify_version", "torch_version",
-                                                "pyautoattack_version", "budgets", "attacks")]
-    show = [c for c in show if c not in ("not_applicable", "base_settings_id", "cost", "seconds_per_attack")
-            and not c.endswith("_ci95")]
-    view = df[show].copy().astype(object)
-    for col in view.columns:
-        view[col] = view[col].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else v)
-    for col in [c for c in view.columns if c.endswith("_acc") and c[:-4] + "_ci95" in df.columns]:
-        ci = df[col[:-4] + "_ci95"].fillna("").astype(str)
-        view[col] = [f"{v} {c}" if c and v != "" else v for v, c in zip(view[col], ci)]
-    for i, text in enumerate(df.get("not_applicable", pd.Series([""] * len(df))).fillna("")):
-        for item in filter(None, str(text).split("; ")):
-            col = item.split(":", 1)[0] + "_acc"
-            if col in view.columns:
-                view.iloc[i, view.columns.get_loc(col)] = "n/a"
-    header = "| " + " | ".join(show) + " |\n|" + "---|" * len(show) + "\n"
-    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in view.itertuples(index=False))
-    budgets = sorted(set(df["budgets"]))
-    notes = (
-        "\nRanked by `worst_case_acc`: the share of examples that no attack broke (per-example AND over attacks).\n"
-        "`standard_acc`: worst case over the standard (pyautoattack) attacks only. `autoattack_acc`: only where\n"
-        "AutoAttack's standard suite (apgd-ce, apgd-t, fab-t, square) ran at its standard budgets. Attacks run in one\n"
-        "order (AutoAttack's suite, other standard attacks, then adaptive ones). In `sequential` mode each attack\n"
-        "column is the robust accuracy after that attack and all attacks before it (AutoAttack's convention); in\n"
-        "`individual` mode each attack ran alone on every correctly classified example.\n"
-        "`n/a`: the attack does not apply (BPDA without MeanSparse equals APGD; Sparta and smooth activations are\n"
-        "differentiable; a transfer attack from the base model onto itself is a white-box attack).\n"
-        "`[lo, hi]` after an accuracy: its exact 95% (Clopper-Pearson) interval over the `n_examples` images.\n"
-        "`delta_worst_case`: worst-case accuracy of the row minus that of its base row (same model, same examples,\n"
-        "same attacks, in points); `discordant`: examples robust only on the base / only on the defended row;\n"
-        f"`mcnemar_p`: exact McNemar test on them; `verdict`: `gain` or `loss` when p < {LEVEL}, else\n"
-        "`no significant gain`.\n"
-        "`passes`: forward + backward example-passes of the whole evaluation (a pass over a batch of B images counts\n"
-        "B), counted by hooks on the model; `passes_per_example` divides by `n_examples`; the CSV's `cost` column\n"
-        "gives forward+backward passes per attack and attacked example, `seconds_per_attack` the wall time.\n"
-        "`audit_*` (rows audited with `robustify audit` or `--audit`): accuracy under APGD-CE with an unbounded eps\n"
-        "(flag `fails-unbounded` above chance), share of examples newly broken by the strongest white-box attack with\n"
-        "twice the budget (`not-converged`), the largest share of a MeanSparse site's units inside the zero-gradient\n"
-        "band (`masked-gradients`), share broken by random points of the eps ball that every white-box attack left\n"
-        "(`noise-beats-white-box`); thresholds in the `audit.config` entry of each result.json.\n\n"
-        "Attack budgets:\n" + "".join(f"- `{b}`\n" for b in budgets)
-    )
-    return header + body + notes
+    """A readable markdown leaderboard (accuracies in percent): the lead table, the other columns in further
+    tables of at most 12 columns, the legend and the attack budgets (:func:`robustify.reporting.tables.markdown_tables`)."""
+    return markdown_tables(df)
 
 
 def _settings_text(row: pd.Series) -> str:

@@ -3,7 +3,11 @@
 :func:`write_page` renders ``index.html`` with the Jinja2 template shipped in
 ``robustify/reporting/templates``: one static file (inline CSS and script, plots embedded as base64
 PNG, no network fetch), sortable columns, each row's settings and flags with what every flag
-means, and the rows of one model (base and defended) grouped. :func:`write_latex` writes a
+means, and the rows of one model (base and defended) grouped. The columns a reader compares lead
+(:func:`robustify.reporting.tables.layout`: rank, model, defense and its settings, clean and worst-case
+accuracy each with its interval in one cell, the difference to the base row, verdict, flags); the others
+(per-attack accuracies, the paired test, audit figures, costs) follow behind the *every column* toggle.
+What a column or flag means comes from :mod:`robustify.reporting.legend`. :func:`write_latex` writes a
 booktabs table of the ranked rows with pandas' Styler, ready to ``\\input`` in a paper.
 Columns are rendered from the table as it is, so new leaderboard columns appear without
 changes here.
@@ -14,41 +18,23 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+from markupsafe import Markup, escape
 
 from robustify.core.io import write_text
+from robustify.reporting.legend import FLAG, FLAG_EXPLANATIONS, UNKNOWN, column_legend, explain_column, explain_flag
 from robustify.reporting.settings import setting_columns
+from robustify.reporting.tables import acc_cell, layout
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FLAG_EXPLANATIONS", "render_page", "to_latex", "write_latex", "write_page"]
 
-#: What each flag of a leaderboard row means (flags come from ``robustify.evaluation.results.audit``, the
-#: cross-row checks of ``robustify.reporting.leaderboard`` and the sanity suite of ``robustify.evaluation.audit``).
-FLAG_EXPLANATIONS: dict[str, str] = {
-    "black-box-beats-white-box": "Square or the transfer attack broke examples every white-box attack left robust "
-                                 "(more than 0.2 points): the gradients are probably masked.",
-    "bpda-beats-standard": "BPDA-APGD (identity backward through MeanSparse) broke examples standard APGD did not: "
-                           "MeanSparse's zero gradients hide adversarial examples from plain APGD.",
-    "adaptive-beats-standard": "The adaptive attack broke examples the standard attacks did not: the standard "
-                               "attacks underestimate this defense.",
-    "autoattack-checks": "One of AutoAttack's own gradient-masking checks fired (see aa_checks in result.json).",
-    "robust-acc-rises-with-eps": "Robust accuracy rises with a larger eps for the same model and defense "
-                                 "(more than 0.2 points): a sign of gradient masking or a too weak attack.",
-    # the sanity suite (robustify.evaluation.audit: `robustify audit`, `evaluate --audit`); thresholds in its AuditConfig
-    "fails-unbounded": "APGD at an eps covering the whole image space left accuracy above chance: the attack "
-                       "cannot reach the decision boundary, so its robust accuracy means little.",
-    "not-converged": "Rerunning the strongest white-box attack with twice the iterations and more restarts broke "
-                     "more examples than the stated tolerance: the reported robust accuracy is too high.",
-    "masked-gradients": "At some thresholding site (MeanSparse) more than the stated share of units sit in the "
-                        "zero-gradient band: plain gradients are masked, trust only the BPDA and adaptive columns.",
-    "noise-beats-white-box": "Random points in the eps ball broke examples every white-box attack left robust: the "
-                             "white-box attacks are not working on this model.",
-}
-UNKNOWN_FLAG = "no explanation recorded for this flag"
+UNKNOWN_FLAG = UNKNOWN.format(kind=FLAG)
 
 #: Columns shown in each row's settings panel instead of the table.
 DETAIL_COLUMNS = ("attacks", "budgets", "not_applicable", "settings_id", "robustify_version", "torch_version",
@@ -71,7 +57,7 @@ def _text(value: Any) -> str:
 
 def _flags(text: Any) -> list[dict[str, str]]:
     names = [f for f in str(text or "").split(";") if f] if not _missing(text) else []
-    return [{"name": f, "explanation": FLAG_EXPLANATIONS.get(f, UNKNOWN_FLAG)} for f in names]
+    return [{"name": f, "explanation": explain_flag(f)} for f in names]
 
 
 def _skipped(text: Any) -> dict[str, str]:
@@ -98,13 +84,28 @@ def _grouped_order(df: pd.DataFrame, keys: list[str]) -> list[int]:
     return sorted(range(len(df)), key=lambda i: (first[keys[i]], base[i], i))
 
 
-def _cell(df: pd.DataFrame, column: str, value: Any, skipped: dict[str, str]) -> dict[str, Any]:
-    numeric = pd.api.types.is_numeric_dtype(df[column]) and not pd.api.types.is_bool_dtype(df[column])
+def _numeric(column: pd.Series) -> bool:
+    """Whether ``column`` holds numbers: a numeric dtype, or objects that are all numbers or missing (a paired
+    column is None on base rows)."""
+    if pd.api.types.is_bool_dtype(column):
+        return False
+    if pd.api.types.is_numeric_dtype(column):
+        return True
+    values = [v for v in column if not _missing(v)]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _cell(df: pd.DataFrame, column: str, record: pd.Series, skipped: dict[str, str]) -> dict[str, Any]:
+    """One cell: its text (an accuracy with its interval, ``20.0 [14.7, 26.2]``), sort key and tooltip."""
+    value = record[column]
+    numeric = _numeric(df[column])
     if column in skipped and _missing(value):
         return {"text": "n/a", "sort": "", "title": skipped[column], "numeric": numeric}
     sort = "" if _missing(value) or not numeric else repr(float(value))
-    percent = numeric and "acc" in column and not _missing(value)
-    return {"text": f"{value:.2f}" if percent else _text(value), "sort": sort, "title": "", "numeric": numeric}
+    if numeric and column.endswith("_acc"):
+        return {"text": acc_cell(value, record.get(column[:-4] + "_ci95")), "sort": sort, "title": "",
+                "numeric": numeric}
+    return {"text": _text(value), "sort": sort, "title": "", "numeric": numeric}
 
 
 def _rows(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
@@ -116,7 +117,7 @@ def _rows(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
         record = df.iloc[i]
         skipped = _skipped(record.get("not_applicable"))
         rows.append({
-            "cells": [_cell(df, c, record[c], skipped) for c in columns],
+            "cells": [_cell(df, c, record, skipped) for c in columns],
             "flags": _flags(record.get("flags")),
             "details": [(c, _text(record[c])) for c in df.columns if c in DETAIL_COLUMNS and _text(record[c])],
             "group": group_ids[keys[i]],
@@ -125,6 +126,11 @@ def _rows(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
             "base": record.get("defense") == "none",
         })
     return rows
+
+
+def _code(text: str) -> Markup:
+    """A legend text with its `names` as ``<code>`` (the rest escaped)."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
 
 
 def _plots(paths: Sequence[str | Path]) -> list[dict[str, str]]:
@@ -141,10 +147,16 @@ def render_page(df: pd.DataFrame, plots: Sequence[str | Path] = (), title: str =
 
     env = Environment(loader=PackageLoader("robustify.reporting", "templates"), autoescape=select_autoescape(["j2", "html"]),
                       trim_blocks=True, lstrip_blocks=True)
-    columns = [c for c in df.columns if c not in DETAIL_COLUMNS]
+    env.filters["code"] = _code
+    shape = layout(df, hidden=DETAIL_COLUMNS)
+    columns = [*shape.lead, *shape.more]
     seen = {f for text in df.get("flags", []) for f in str(text or "").split(";") if f and not _missing(text)}
     return env.get_template(TEMPLATE).render(
-        title=title, columns=columns, rows=_rows(df, columns), plots=_plots(plots),
+        title=title, columns=columns, lead=len(shape.lead), rows=_rows(df, columns), plots=_plots(plots),
+        headers=[{"name": c, "explanation": explain_column(c), "more": i >= len(shape.lead)}
+                 for i, c in enumerate(columns)],
+        common=[(c, _text(v)) for c, v in shape.common.items()],
+        column_legend=column_legend(df.columns),  # the intervals in their cells and the settings panel too
         flags=[{"name": f, "explanation": e, "seen": f in seen} for f, e in FLAG_EXPLANATIONS.items()]
         + [{"name": f, "explanation": UNKNOWN_FLAG, "seen": True} for f in sorted(seen - set(FLAG_EXPLANATIONS))],
         budgets=sorted(set(df["budgets"])) if "budgets" in df.columns else [],

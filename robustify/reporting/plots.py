@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -46,15 +47,26 @@ def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
     return path
 
 
-def _error_bars(values: list[float], n: int) -> list[list[float]]:
-    """Asymmetric error bars ``[below, above]`` of exact 95% intervals (accuracies in percent)."""
+def _interval(text: Any, value: float, n: int) -> tuple[float, float]:
+    """The row's interval: its ``<x>_ci95`` text (from the exact count), else rebuilt from the percentage
+    (exact up to 10,000 examples: the table's percentages have 2 decimals)."""
+    if isinstance(text, str) and text.startswith("["):
+        lo, hi = (float(v) for v in text.strip("[]").split(","))
+        return lo, hi
+    return interval_pct(value, n)
+
+
+def _error_bars(rows: pd.DataFrame, col: str, n: int) -> list[list[float]]:
+    """Asymmetric error bars ``[below, above]`` of exact 95% intervals of accuracy column ``col`` (percent)."""
     below, above = [], []
-    for v in values:
+    ci = col[:-4] + "_ci95"
+    texts = rows[ci].tolist() if ci in rows.columns else [None] * len(rows)
+    for v, text in zip(rows[col].tolist(), texts):
         if pd.isna(v):
             below.append(0.0)
             above.append(0.0)
             continue
-        lo, hi = interval_pct(float(v), int(n))
+        lo, hi = _interval(text, float(v), int(n))
         below.append(max(float(v) - lo, 0.0))
         above.append(max(hi - float(v), 0.0))
     return [below, above]
@@ -85,7 +97,7 @@ def _plot_curves(rows: pd.DataFrame, base: pd.DataFrame, defense: SettingDefense
     fig, ax = plt.subplots(figsize=(6, 4))
     for col, label, style in CURVES:
         if rows[col].notna().any():
-            line = ax.errorbar(rows[defense.setting], rows[col], yerr=_error_bars(rows[col].tolist(), n), fmt=style,
+            line = ax.errorbar(rows[defense.setting], rows[col], yerr=_error_bars(rows, col, n), fmt=style,
                                capsize=3, label=f"{defense.title}: {label}").lines[0]
             if not base.empty and pd.notna(base[col].iloc[0]):
                 ax.axhline(base[col].iloc[0], color=line.get_color(), ls=":", label=f"base: {label}")
@@ -141,7 +153,7 @@ def plot_base_vs_defended(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         for i, (col, name) in enumerate(metrics):
             values = group[col].fillna(0).tolist()
             xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(group))]
-            ax.bar(xs, values, width, label=name, yerr=_error_bars(group[col].tolist(), n), capsize=2)
+            ax.bar(xs, values, width, label=name, yerr=_error_bars(group, col, n), capsize=2)
         ax.set_xticks(range(len(group)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("accuracy (%), 95% exact intervals")

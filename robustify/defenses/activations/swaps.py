@@ -192,7 +192,7 @@ def plan_swap(
 ) -> tuple[nn.Module, list[Site]]:
     """Return the (possibly FX-rewritten) model and the sites the swap would change."""
     config = config or ActivationConfig()
-    prepared = modularize(model)
+    prepared = modularize(model, example)
     everything = plan_sites(prepared, example)
     candidates = [s for s in everything if s.activation in config.replace]
     chosen = select_sites(prepared, candidates, include=config.include, exclude=config.exclude, skip_se=False)
@@ -281,7 +281,7 @@ def load_activations(
     names it serves, by default :data:`ACTIVATIONS`)."""
     tensors, meta = read_defense_file(path, names or tuple(ACTIVATIONS))
     config = config_type.from_dict(meta["config"])
-    prepared = modularize(model)
+    prepared = modularize(model, example)
     by_name = {s.name: s for s in plan_sites(prepared, example)}
     saved = meta["sites"]
     for entry in saved:

@@ -19,7 +19,8 @@ from robustify.defenses.meansparse.calibrate import calibrate, calibrating
 from robustify.defenses.meansparse.config import MeanSparseConfig, check_alpha, parse_site_alpha
 from robustify.defenses.meansparse.insert import (fuse_meansparse, insert_meansparse, plan, remove_meansparse,
                                                   unfuse_meansparse)
-from robustify.defenses.meansparse.interop import convert_published_meansparse, find_published_meansparse
+from robustify.defenses.meansparse.interop import (convert_published_meansparse, find_published_meansparse,
+                                                  to_robustbench_meansparse)
 from robustify.defenses.meansparse.module import (MeanSparse, MeanSparseReLU, bpda, capture_site_inputs,
                                                   defenses_disabled, in_band, meansparse_modules, set_alpha, soft_bpda)
 from robustify.defenses.meansparse.state import load_calibration, save_calibration
@@ -96,4 +97,5 @@ MEANSPARSE = register_defense(Defense(
     set_setting=set_alpha,
     adopt=_adopt,
     fuse=fuse_meansparse,
+    export=to_robustbench_meansparse,
 ))

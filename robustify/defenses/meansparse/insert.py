@@ -145,7 +145,7 @@ def plan(
     if config.preset == "published":
         prepared, everything, fixed_outputs = _published(model, example, config)
     else:
-        prepared = modularize(model)
+        prepared = modularize(model, example)
         everything = plan_sites(prepared, example, channel_dim=config.channel_dim)
         if not everything and not config.outputs:
             raise InsertionError(

@@ -8,6 +8,10 @@ tensors. :func:`convert_published_meansparse` swaps each of them for robustify's
 published checkpoints run with identical outputs and gain robustify's modes (BPDA,
 :func:`robustify.set_alpha`, :func:`robustify.defenses_disabled`, saving with
 :func:`robustify.save_calibration`).
+
+The other direction, :func:`to_robustbench_meansparse` (MeanSparse's ``export`` hook, ``robustify export``):
+a model robustified with the published placement becomes an instance of RobustBench's own MeanSparse class
+(:data:`ROBUSTBENCH_CLASSES`) and the state dict that class loads strictly, with identical logits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from robustify.defenses.sites import forward_once, set_submodule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["convert_published_meansparse", "find_published_meansparse"]
+__all__ = ["ROBUSTBENCH_CLASSES", "convert_published_meansparse", "find_published_meansparse",
+           "robustbench_meansparse_model", "to_robustbench_meansparse"]
 
 PUBLISHED_BUFFERS = ("running_mean", "running_var", "threshold")
 
@@ -127,3 +132,105 @@ def convert_published_meansparse(model: nn.Module, example: torch.Tensor | None 
         set_submodule(model, name, new)
     logger.info("converted %d published MeanSparse module(s) of %s", len(published), type(model).__name__)
     return model
+
+
+# ------------------------------------------------------------------------------------------
+# the other direction: a robustified model in RobustBench's own MeanSparse classes
+# ------------------------------------------------------------------------------------------
+#: RobustBench's MeanSparse network class for each published family that has one
+ROBUSTBENCH_CLASSES: dict[str, str] = {
+    "dm-wrn": "robustbench.model_zoo.architectures.Meansparse_wrn_70_16.DMWideResNet",
+}
+#: the persistent buffers of RobustBench's ``MeanSparse`` besides the statistics and threshold (its state-dict keys)
+_MODE_BUFFERS: dict[str, Callable[[], torch.Tensor]] = {
+    "flag_update_statistics": lambda: torch.tensor(0), "batch_num": lambda: torch.tensor(0.0)}
+
+
+def _dm_wrn_arguments(net: nn.Module) -> dict[str, Any]:
+    """The constructor arguments of RobustBench's ``DMWideResNet`` (either file) that rebuild ``net``."""
+    relu = net.relu
+    activation = nn.ReLU if type(relu).__name__ == "MeanSparseReLU" else type(relu)
+    return {"num_classes": net.logits.out_features, "depth": 6 * len(net.layer[0].block) + 4,
+            "width": net.num_channels // 64, "activation_fn": activation,
+            "mean": tuple(net.mean.flatten().tolist()), "std": tuple(net.std.flatten().tolist()),
+            "padding": net.padding, "num_input_channels": net.init_conv.in_channels}
+
+
+_ARGUMENTS: dict[str, Callable[[nn.Module], dict[str, Any]]] = {"dm-wrn": _dm_wrn_arguments}
+
+
+def robustbench_meansparse_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """A fresh instance of RobustBench's own MeanSparse class for the architecture of ``model`` (zero statistics,
+    threshold 0), and the path of that architecture in ``model`` ("" for the model itself)."""
+    import importlib
+
+    from robustify.core.compat import import_robustbench
+    from robustify.defenses.meansparse.published import find_family
+
+    rule, root = find_family(model)
+    if rule.family not in ROBUSTBENCH_CLASSES:
+        raise UserError(f"RobustBench has no MeanSparse class for the {rule.family!r} family; export knows "
+                        f"{sorted(ROBUSTBENCH_CLASSES)}")
+    import_robustbench()
+    module_name, _, class_name = ROBUSTBENCH_CLASSES[rule.family].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    net = model.get_submodule(root) if root else model
+    arguments = _ARGUMENTS[rule.family](net)
+    target = cls(**arguments)
+    target.robustify_arguments = {k: f"{v.__module__}.{v.__qualname__}" if isinstance(v, type) else v
+                                  for k, v in arguments.items()}  # how to build it again (model.json)
+    return target, root
+
+
+def _in_call_order(model: nn.Module, modules: dict[str, nn.Module], example: torch.Tensor) -> list[tuple[str, tuple]]:
+    """``modules`` in the order of their first call in one forward of ``example``, each with its input shape."""
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    forward_once(model, example, [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()])
+    return list(seen.items())
+
+
+def to_robustbench_meansparse(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """RobustBench's own MeanSparse model computing what the robustified ``model`` computes, and its state dict.
+
+    The target is :func:`robustbench_meansparse_model`; its MeanSparse modules are matched with robustify's sites
+    in forward order (same count, same input shapes, else an error), each getting ``running_mean``/``running_var``
+    from the site's statistics and ``threshold`` from its alpha; every other tensor is the model's own. The
+    state dict loads strictly into that class (``robustbench.utils.load_model`` reads it as a checkpoint).
+    """
+    target, root = robustbench_meansparse_model(model)
+    target = target.to(example.device)
+    net = model.get_submodule(root) if root else model
+    ours = {name: m for name, m in net.named_modules() if isinstance(m, MeanSparse)}
+    if not ours:
+        raise UserError("the model has no MeanSparse sites: insert and calibrate MeanSparse before exporting it")
+    if not all(m.calibrated for m in ours.values()):
+        raise UserError(f"MeanSparse site(s) {[n for n, m in ours.items() if not m.calibrated][:3]} are not calibrated")
+    mine = _in_call_order(net, ours, example)
+    theirs = _in_call_order(target, find_published_meansparse(target), example)
+    if [shape for _, shape in mine] != [shape for _, shape in theirs]:
+        raise UserError(
+            f"the model's {len(mine)} MeanSparse site(s) do not match the {len(theirs)} of RobustBench's "
+            f"{type(target).__name__} in forward order (input shapes differ): export needs the published placement "
+            "(--preset published)")
+    skip = tuple(f"{name}." for name in ours)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith(skip)}
+    for (our_name, _), (their_name, _) in zip(mine, theirs):
+        site = ours[our_name]
+        state[f"{their_name}.running_mean"] = site.mean.detach().float().clone()
+        state[f"{their_name}.running_var"] = site.var.detach().float().clone()
+        state[f"{their_name}.threshold"] = torch.tensor(site.alpha, dtype=torch.float32)
+        for key, make in _MODE_BUFFERS.items():
+            state[f"{their_name}.{key}"] = make()
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"the model's tensors do not fit RobustBench's {type(target).__name__}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+    return target.eval(), {k: v.detach().cpu() for k, v in target.state_dict().items()}

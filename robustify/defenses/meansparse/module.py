@@ -1,7 +1,9 @@
 """The MeanSparse operator (Amini et al., arXiv 2406.05927) and its evaluation modes.
 
 ``out = mean_c if |x - mean_c| < alpha * std_c else x``, per channel ``c``; strict ``<``, so
-``alpha = 0`` is exactly the identity (no data-dependent branch is needed for that).
+``alpha = 0`` is exactly the identity (no data-dependent branch is needed for that). The band is
+tested in ``x``'s dtype promoted with the float32 statistics (float32 for float16/bfloat16 inputs,
+as RobustBench's module), the output is in ``x``'s dtype.
 
 Modes are plain Python attributes toggled by context managers and never saved:
 
@@ -90,15 +92,18 @@ class _SoftBand(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         x, mean, crop = ctx.saved_tensors
         dist = (x - mean).abs()
-        tau = (crop * ctx.temperature).clamp_min(torch.finfo(x.dtype).tiny)
+        tau = (crop * ctx.temperature).clamp_min(torch.finfo(dist.dtype).tiny)
         s = torch.sigmoid((dist - crop) / tau)
         slope = torch.where(crop > 0, s + dist * s * (1 - s) / tau, torch.ones_like(s))
-        return grad_output * slope, None, None, None
+        return (grad_output * slope).to(grad_output.dtype), None, None, None
 
 
 def _sparsify(x: torch.Tensor, mean: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
-    """The reference formula ``where(|x - mean| < crop, mean, x)`` (used when compiling/tracing)."""
-    return torch.where((x - mean).abs() < crop, mean, x)
+    """The reference formula ``where(|x - mean| < crop, mean, x)`` (used when compiling/tracing).
+
+    ``mean`` and ``crop`` are in the decision dtype (:meth:`MeanSparse.thresholds_like`): the band is
+    tested there, as RobustBench's module does by type promotion; the output keeps ``x``'s dtype."""
+    return torch.where((x - mean).abs() < crop, mean.to(x.dtype), x)
 
 
 class _SparsifyReLU(torch.autograd.Function):
@@ -123,7 +128,9 @@ class _SparsifyReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         y, mean, crop = ctx.saved_tensors
-        blocked = (y <= 0) | ((y == mean) & (crop > 0))
+        # y == mean (in y's dtype) comes from the band exactly when that value itself lies in the band
+        mean_y = mean.to(y.dtype)
+        blocked = (y <= 0) | ((y == mean_y) & ((mean_y - mean).abs() < crop))
         return torch.where(blocked, torch.zeros_like(grad_output), grad_output), None, None
 
 
@@ -250,6 +257,17 @@ def _select_chunks(
         if keep is not None:  # int8 -1 where the gradient passes (outside the band), 0 inside
             keep[start:stop].copy_(ai.bitwise_not_())
     return out
+
+
+def _narrowed(lo: torch.Tensor, top: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Bounds in the narrower ``dtype`` selecting the same values of ``dtype`` as ``lo < x <= top``
+    (wider floats, e.g. float32 bounds of a band tested in float32 on float16 inputs): both rounded
+    down, since for ``x`` of ``dtype``, ``x > lo`` iff ``x > round_down(lo)`` and ``x <= top`` iff
+    ``x <= round_down(top)``. None when they overflow ``dtype`` (use the formula)."""
+    lo_n, top_n = (_rounded(t.double(), dtype, up=False) for t in (lo, top))
+    if not bool(torch.isfinite(lo_n).all() and torch.isfinite(top_n).all()):
+        return None
+    return lo_n + 0.0, top_n + 0.0  # -0 -> +0
 
 
 class _Prepared:
@@ -380,18 +398,19 @@ class MeanSparse(nn.Module):
         prep = self._prepared.get(key)
         if prep is None:
             with torch.no_grad():
-                shape = self._broadcast_shape(x.dim())
-                mean = self.mean.to(x.dtype).view(shape)
-                crop = self.crop.to(x.dtype).view(shape)
+                mean, crop = self.thresholds_like(x)
                 bounds = exact_bounds(mean, crop)
+                if bounds is not None and mean.dtype != x.dtype:
+                    bounds = _narrowed(*bounds, x.dtype)
+                mu = mean.to(x.dtype)
                 if bounds is None or x.dim() < 2 or self.channel_dim % x.dim() == 0:
                     prep = _Prepared(None, None, None, mean, crop)
                 elif self.channel_dim % x.dim() == x.dim() - 1:  # channels last: one bound per channel
-                    lo, hi, mu = (t.reshape(-1).contiguous() for t in (*bounds, mean))
+                    lo, hi, mu = (t.reshape(-1).contiguous() for t in (*bounds, mu))
                     prep = _Prepared(lo, hi, mu, mean, crop)
                 else:  # channels inside a sample: bounds for every value of a sample
                     full = tuple(x.shape[1:])
-                    lo, hi, mu = (t.expand(full).contiguous().view(-1) for t in (*bounds, mean))
+                    lo, hi, mu = (t.expand(full).contiguous().view(-1) for t in (*bounds, mu))
                     prep = _Prepared(lo, hi, mu, mean, crop)
             if len(self._prepared) >= 8:
                 self._prepared.clear()
@@ -491,10 +510,13 @@ class MeanSparse(nn.Module):
         return _select_chunks(x, prep.lo, prep.hi, prep.mu, None)
 
     def thresholds_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mean`` and ``crop`` shaped to broadcast against ``x`` and cast to its dtype: the
-        reference formula is ``where(|x - mean| < crop, mean, x)`` with these."""
+        """``mean`` and ``crop`` shaped to broadcast against ``x``, in the dtype the band is tested in:
+        ``x``'s dtype promoted with the statistics' (float32 for float16/bfloat16 inputs, as in
+        RobustBench's ``MeanSparse``, whose ``input - running_mean`` promotes). The reference formula
+        is ``where(|x - mean| < crop, mean, x)`` with these, its output in ``x``'s dtype."""
         shape = self._broadcast_shape(x.dim())
-        return self.mean.view(shape).to(x.dtype), self.crop.view(shape).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, self.mean.dtype) if x.is_floating_point() else self.mean.dtype
+        return self.mean.view(shape).to(dtype), self.crop.view(shape).to(dtype)
 
     @property
     def sparsifying(self) -> bool:
@@ -619,6 +641,6 @@ def capture_site_inputs(model: nn.Module) -> contextlib.AbstractContextManager[d
 
 def in_band(model: nn.Module, site: str, z: torch.Tensor) -> torch.Tensor:
     """The units of ``z`` (the input of MeanSparse ``site``) inside its band ``|z - mean| < crop``:
-    replaced by the mean, their gradient is zero. Thresholds in ``z``'s dtype, as the forward's."""
+    replaced by the mean, their gradient is zero. Tested as the forward does (:meth:`MeanSparse.thresholds_like`)."""
     mean, crop = meansparse_modules(model)[site].thresholds_like(z)
     return (z - mean).abs() < crop

@@ -342,7 +342,7 @@ def plan_sparta(
 ) -> tuple[nn.Module, list[Site]]:
     """Return the (possibly FX-rewritten) model and the sites Sparta would replace."""
     config = config or SpartaConfig()
-    prepared = modularize(model)
+    prepared = modularize(model, example)
     everything = plan_sites(prepared, example)
     if not everything:
         raise InsertionError(f"no activation found in {type(model).__name__}")
@@ -412,7 +412,7 @@ def _target_sites(
     model: nn.Module, example: torch.Tensor, config: SpartaConfig, saved: list[dict[str, Any]], mapping: str
 ) -> tuple[nn.Module, list[Site]]:
     """Where the saved modules go: same names if the model has them, else the same rule, in order."""
-    prepared = modularize(model)
+    prepared = modularize(model, example)
     everything = plan_sites(prepared, example)
     by_name = {s.name: s for s in everything}
     names = [s["name"] for s in saved]
