@@ -197,19 +197,23 @@ def test_cli_reference_catches_a_missing_flag() -> None:
 
 
 def test_leaderboard_reference_explains_every_column_and_flag() -> None:
-    from robustify.reporting.page import FLAG_EXPLANATIONS
-
     reference = _reference()
     page = reference.leaderboard_markdown()
-    legend = reference.code_legend()
-    if legend is not None:  # the code's one table of explanations: every entry is on the page
-        for name, text in legend[0] + legend[1]:
-            assert f"| `{name}` | {' '.join(text.split())} |" in page.replace("\\|", "|")
-        return
-    missing = [c for c, _ in reference.leaderboard_columns() if not reference.COLUMN_EXPLANATIONS.get(c)]
-    assert not missing, f"leaderboard columns without an explanation in docs/_gen/reference.py: {missing}"
-    for flag, text in FLAG_EXPLANATIONS.items():
-        assert f"| `{flag}` |" in page and " ".join(text.split()) in page
+    columns, flags = reference.code_legend()
+    assert columns and flags
+    for name, text in columns + flags:  # the code's one table of explanations: every entry is on the page
+        assert f"| `{name}` | {' '.join(text.split())} |" in page.replace("\\|", "|")
+
+
+def test_study_file_reference_lists_every_key() -> None:
+    """docs/reference/study-file.md has a row for every key the study file parser accepts."""
+    from robustify.jobs.study import spec
+
+    page = (DOCS / "reference" / "study-file.md").read_text()
+    keys = {*spec.STUDY_KEYS, *spec.MODEL_KEYS, *spec.DEFENSE_KEYS, *spec.RESOURCE_KEYS}
+    missing = sorted(k for k in keys if f"| `{k}` |" not in page)
+    assert not missing, f"study file keys without a row in docs/reference/study-file.md: {missing}"
+    assert all(f"[resources.{kind}]" in page for kind in spec.STEP_KINDS)
 
 
 def test_result_schema_documents_every_field() -> None:

@@ -119,6 +119,8 @@ API_SECTIONS = (
     ("Attack and evaluate", ("AttackConfig", "evaluate", "EvalResult", "load_result")),
     ("Jobs and reports", ("EvaluationJob", "run_evaluation", "sweep", "TrainConfig", "train_defense",
                           "write_leaderboard")),
+    ("Studies", ("load_study", "run_study")),
+    ("Export to RobustBench", ("ExportJob", "export_robustbench")),
     ("Errors", ("UserError", "DataError", "InsertionError", "ModelLoadError", "NotCalibratedError",
                 "StateMismatchError")),
 )
@@ -153,117 +155,36 @@ def api_markdown() -> str:
 # ------------------------------------------------------------------------------------------------
 # leaderboard flags and columns
 # ------------------------------------------------------------------------------------------------
-#: What each leaderboard column means. Keyed by the column names of robustify.reporting.leaderboard's column
-#: lists (a test fails when a column there has no entry here). Issue 21 item 1 brings the leaderboard's own
-#: table of column explanations; this then reads it instead.
-COLUMN_EXPLANATIONS: dict[str, str] = {
-    "rank": "rank by `worst_case_acc` (highest first)",
-    "model": "the model spec (`robustbench:NAME`, `timm:NAME`, `aa-resnet18`, `pkg.module:function`)",
-    "defense": "the registered defense (`none` for the base model)",
-    "dataset": "the model's dataset (`cifar10`, `cifar100`, `imagenet`, a plugin's)",
-    "threat_model": "the norm of the threat model (`Linf`, `L2`, `L1`)",
-    "eps": "the perturbation budget, norm-aware text (Linf `8/255`, L2 `0.5`)",
-    "n_examples": "how many test images were evaluated",
-    "mode": "`sequential` (each attack sees the examples the earlier ones left robust, AutoAttack's convention) "
-            "or `individual` (every attack on every correctly classified example)",
-    "clean_acc": "accuracy on the unperturbed images, in percent",
-    "standard_acc": "worst case over the standard (pyautoattack) attacks only: what AutoAttack-style attacks report",
-    "autoattack_acc": "AutoAttack's robust accuracy, only where its standard suite (apgd-ce, apgd-t, fab-t, square) "
-                      "ran at its standard budgets and saw every example AutoAttack would show it",
-    "worst_case_acc": "the number to compare: the share of images no attack of the row broke (per-example AND "
-                      "over attacks)",
-    "flags": "gradient-masking and sanity flags (below); any flag means the number is not to be trusted as it stands",
-    "not_applicable": "attacks that do not apply to the row, with the reason (shown as `n/a` in their column)",
-    "attacks": "the attacks that ran, in the order they ran",
-    "budgets": "each attack's budget (iterations, restarts, targets, queries)",
-    "precision": "`float32`, `bfloat16` or `float16` (`--precision`): part of the result's identity",
-    "seconds": "wall time of the evaluation",
-    "settings_id": "digest of the settings that identify a row (rows with equal settings keep the newest result)",
-    "robustify_version": "robustify's version that wrote the result",
-    "torch_version": "torch's version",
-    "pyautoattack_version": "pyautoattack's version",
-    "result": "the `result.json` the row comes from",
-    "delta_worst_case": "`worst_case_acc` of the row minus that of its base row (same model, examples, attacks), "
-                        "in points",
-    "discordant": "images robust only on the base / only on the defended model",
-    "mcnemar_p": "exact McNemar test on the discordant images",
-    "verdict": "`gain` or `loss` when p < 0.05, else `no significant gain` (not evidence of no effect: only that "
-               "these images cannot tell)",
-    "base_settings_id": "the `settings_id` of the base row the defended row is paired with",
-    "audit_unbounded": "accuracy under APGD-CE with an eps covering the whole image space (flag `fails-unbounded` "
-                       "above chance)",
-    "audit_newly_broken": "share of examples newly broken by the strongest white-box attack at twice the budget "
-                          "(`not-converged`)",
-    "audit_band_share": "largest share of a thresholding site's units inside the zero-gradient band "
-                        "(`masked-gradients`)",
-    "audit_noise_broken": "share broken by random points of the eps ball that every white-box attack left "
-                          "(`noise-beats-white-box`)",
-    "passes": "forward + backward example-passes of the whole evaluation (a batch of B images counts B), "
-              "counted by hooks on the model",
-    "passes_per_example": "`passes` divided by `n_examples`",
-    "cost": "forward+backward passes per attack and attacked example (CSV)",
-    "seconds_per_attack": "wall time per attack (CSV)",
-    "<attack>_acc": "robust accuracy after that attack (sequential mode: after it and all before it), one column "
-                    "per attack that ran (`apgd-ce_acc`, `bpda-apgd-t_acc`, ...)",
-    "<x>_ci95": "the exact 95% (Clopper-Pearson) interval of an accuracy column (CSV; markdown shows it after the "
-                "number, `[lo, hi]`)",
-    "<setting>": "a defense's numeric setting (MeanSparse's `alpha`), a column when some row has a value for it",
-}
+def code_legend() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(columns, flags) as (name, text) from the code's one table of explanations, ``robustify.reporting.legend``."""
+    from robustify.reporting.legend import COLUMN, FLAG, LEGEND
 
-
-def leaderboard_columns() -> list[tuple[str, str]]:
-    """(column, group) of every fixed column the leaderboard code declares, in the CSV's order of groups."""
-    from robustify.reporting import leaderboard as lb
-
-    groups = (("lead", lb.LEAD_COLUMNS), ("tail", lb.TAIL_COLUMNS), ("paired with the base row", lb.PAIRED_COLUMNS),
-              ("sanity suite", lb.AUDIT_COLUMNS), ("cost", lb.COST_COLUMNS))
-    return [(c, g) for g, cols in groups for c in cols]
-
-
-def code_legend() -> tuple[list[tuple[str, str]], list[tuple[str, str]]] | None:
-    """(columns, flags) as (name, text) from the code's one table of explanations, ``robustify.reporting.legend``
-    (issue 21, item 1), where this checkout has it; None where it does not."""
-    try:
-        from robustify.reporting.legend import COLUMN, FLAG, LEGEND
-    except ImportError:
-        return None
     return ([(e.name, e.text) for e in LEGEND if e.kind == COLUMN], [(e.name, e.text) for e in LEGEND if e.kind == FLAG])
 
 
 def leaderboard_markdown() -> str:
-    """Every flag and column of the leaderboard, from the code's tables."""
-    legend = code_legend()
-    if legend is not None:
-        columns, flags = legend
-        lines = ["# Leaderboard flags and columns", "",
-                 "Generated from `robustify.reporting.legend.LEGEND`, the one table of explanations the leaderboard's",
-                 "files and page use, when the site is built. "
-                 "[How to read a row](../concepts/evaluation.md#how-to-read-a-row) puts them together.", "",
-                 "## Flags", "", "| flag | meaning |", "|---|---|"]
-        lines += [f"| `{f}` | {_cell(e)} |" for f, e in flags]
-        lines += ["", "## Columns", "", "The CSV keeps every column, in this order.", "",
-                  "| column | meaning |", "|---|---|"]
-        lines += [f"| `{c}` | {_cell(e)} |" for c, e in columns]
-        return "\n".join(lines) + "\n"
-    from robustify.reporting.page import FLAG_EXPLANATIONS
-
+    """Every flag and column of the leaderboard, from the code's table of explanations."""
+    columns, flags = code_legend()
     lines = ["# Leaderboard flags and columns", "",
-             "Generated from `robustify.reporting.page.FLAG_EXPLANATIONS` (the explanations the web page shows) and",
-             "the column lists of `robustify.reporting.leaderboard` when the site is built. "
+             "Generated from `robustify.reporting.legend.LEGEND`, the one table of explanations the leaderboard's",
+             "files and page use, when the site is built. "
              "[How to read a row](../concepts/evaluation.md#how-to-read-a-row) puts them together.", "",
+             "## The tables", "",
+             "One row per (model, defense, settings), ranked by worst case. The tables lead with what a reader "
+             "compares: rank, model, defense and its settings (e.g. alpha), `clean_acc` and `worst_case_acc` each "
+             "with its 95% interval in one cell (`20.0 [14.7, 26.2]`), `delta_worst_case`, `verdict` and `flags`; "
+             "the set-up (dataset, threat model, eps, examples, mode) is said once above them unless rows differ in "
+             "it. The per-attack accuracies, `standard_acc`, `autoattack_acc`, the paired test, audit figures and "
+             "costs follow: in further tables of at most 12 columns in `leaderboard.md`, behind the *every column* "
+             "toggle of `index.html`. `leaderboard.csv` keeps every column under its name (intervals as "
+             "`<x>_ci95`, budgets, timing, versions); `leaderboard.md` and the page end with the legend of every "
+             "column and flag.", "",
              "## Flags", "", "| flag | meaning |", "|---|---|"]
-    lines += [f"| `{f}` | {_cell(e)} |" for f, e in FLAG_EXPLANATIONS.items()]
-    lines += ["", "## Columns", "",
-              "The CSV keeps every column; the markdown table leaves out the versions, budgets, settings ids and",
-              "per-attack costs, and shows each interval after its number; the web page shows the versions and",
-              "budgets in each row's details.", "", "| column | group | meaning |", "|---|---|---|"]
-    lines += [f"| `{c}` | {g} | {_cell(COLUMN_EXPLANATIONS.get(c, ''))} |" for c, g in leaderboard_columns()]
-    lines += [f"| `{c}` | per attack / setting | {_cell(e)} |" for c, e in COLUMN_EXPLANATIONS.items() if c.startswith("<")]
-    lines += ["", "## The compact table", "",
-              "!!! note \"Not merged yet\"",
-              "    Tables that lead with rank, model, defense, clean, worst case with its interval, difference to the",
-              "    base, verdict and flags (per-attack columns behind a toggle): see issue 21, item 1.", ""]
-    return "\n".join(lines)
+    lines += [f"| `{f}` | {_cell(e)} |" for f, e in flags]
+    lines += ["", "## Columns", "", "The CSV keeps every column, in this order.", "",
+              "| column | meaning |", "|---|---|"]
+    lines += [f"| `{c}` | {_cell(e)} |" for c, e in columns]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class ModelLoadError(UserError):
         ...     rb.load_model("no-such-model")
         ... except rb.ModelLoadError as error:
         ...     print(error)
-        unknown model spec 'no-such-model': use robustbench:NAME, timm:NAME, aa-resnet18 or package.module:function
+        unknown model spec 'no-such-model': use robustbench:NAME, timm:NAME, small-resnet-at, aa-resnet18 or package.module:function
     """
 
 
