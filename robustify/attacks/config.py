@@ -135,6 +135,12 @@ class AttackConfig(SerializableConfig):
             is random (None: AutoAttack's rand version's, 20; 1 disables EoT, refused unless accept_no_eot). A
             deterministic model is attacked without EoT.
         accept_no_eot: evaluate a random model with eot_iter 1 (no EoT): its row is flagged random-without-eot.
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> config = AttackConfig(attacks=("apgd-ce", "bpda"), eps=rb.parse_eps("8/255"), apgd_iters=10)
+        >>> config.budget_for("apgd-ce")
+        {'iters': 10, 'restarts': 1}
     """
 
     VERSION: ClassVar[int] = 1

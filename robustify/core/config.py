@@ -71,7 +71,23 @@ def _restore(annotation: Any, value: Any) -> Any:
 
 
 def parse_eps(value: str | float) -> float:
-    """Parse an epsilon given as a float (0.031) or a fraction ("8/255")."""
+    """Parse an epsilon given as a float (0.031) or a fraction ("8/255").
+
+    Args:
+        value: a float, or text: a number (``"0.031"``) or a fraction (``"8/255"``).
+
+    Returns:
+        The epsilon as a float.
+
+    Raises:
+        UserError: the text is neither a number nor a fraction.
+
+    Examples:
+        >>> rb.parse_eps("8/255")
+        0.03137254901960784
+        >>> rb.parse_eps(0.5)
+        0.5
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         eps = float(value)
     else:

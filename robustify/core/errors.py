@@ -27,27 +27,81 @@ __all__ = [
 
 
 class UserError(ValueError):
-    """Base of every error the user can fix: bad input, spec, file or setting (the CLI: one line, exit 2)."""
+    """Base of every error the user can fix: bad input, spec, file or setting (the CLI: one line, exit 2).
+
+    Examples:
+        >>> try:
+        ...     rb.parse_eps("eight")
+        ... except rb.UserError as error:
+        ...     print(error)
+        eps must be a number or a fraction like '8/255', got 'eight'
+    """
 
 
 class ModelLoadError(UserError):
-    """A model spec or checkpoint could not be loaded."""
+    """A model spec or checkpoint could not be loaded.
+
+    Examples:
+        >>> try:
+        ...     rb.load_model("no-such-model")
+        ... except rb.ModelLoadError as error:
+        ...     print(error)
+        unknown model spec 'no-such-model': use robustbench:NAME, timm:NAME, small-resnet-at, aa-resnet18 or package.module:function
+    """
 
 
 class DataError(UserError):
-    """A dataset spec, file or content is unusable."""
+    """A dataset spec, file or content is unusable.
+
+    Examples:
+        >>> try:
+        ...     rb.load_data("missing.npz")
+        ... except rb.DataError as error:
+        ...     print(error)
+        data file 'missing.npz' does not exist
+    """
 
 
 class InsertionError(UserError):
-    """The model has no site to insert into, or the selection leaves none."""
+    """The model has no site to insert into, or the selection leaves none.
+
+    Examples:
+        >>> import torch
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> try:
+        ...     rb.apply_defense(torch.nn.Linear(4, 2), torch.rand(1, 4), defense_config("meansparse"))
+        ... except rb.InsertionError as error:
+        ...     print(str(error)[:34])
+        no activation found in Linear: sea
+    """
 
 
 class NotCalibratedError(UserError, RuntimeError):
-    """A calibrated defense's module ran before its statistics were computed or loaded."""
+    """A calibrated defense's module ran before its statistics were computed or loaded.
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> try:
+        ...     model(info.example_input())
+        ... except rb.NotCalibratedError as error:
+        ...     print(str(error)[:45])
+        MeanSparse site 'relu_0' has no statistics: r
+    """
 
 
 class StateMismatchError(UserError):
-    """Saved state does not fit the model, or the file is unreadable."""
+    """Saved state does not fit the model, or the file is unreadable.
+
+    Examples:
+        >>> model, info = rb.load_model("aa-resnet18")
+        >>> try:
+        ...     rb.load_defense(model, "nowhere.safetensors", info.example_input())
+        ... except rb.StateMismatchError as error:
+        ...     print(str(error)[:42])
+        defense sidecar 'nowhere.safetensors.json'
+    """
 
 
 class OutOfMemory(UserError, RuntimeError):

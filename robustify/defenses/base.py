@@ -63,6 +63,12 @@ class DefenseOptions:
         names: field -> flag name when ``--field-name`` would clash with another flag.
         prefix: put before every flag name (e.g. ``"sparta-"``).
         group: the title of the flags' group in ``--help``.
+
+    Examples:
+        >>> from robustify.defenses import get_defense
+        >>> options = get_defense("meansparse").options
+        >>> options.fields[:3]
+        ('alpha', 'site_alpha', 'include')
     """
 
     fields: tuple[str, ...]
@@ -133,6 +139,14 @@ class Defense:
             (an instance computing the same logits) and the state dict to ship (``robustify export``).
         transfer: ``(model, path, example) -> model``: a pretrained file inserted frozen into another model
             (its sites mapped onto the model's; default: :attr:`load` with the same site names, then frozen).
+
+    Examples:
+        The registered MeanSparse handler and the hooks it offers:
+
+        >>> from robustify.defenses import get_defense
+        >>> handler = get_defense("meansparse")
+        >>> handler.setting, handler.straight_through is not None, handler.calibrate is not None
+        ('alpha', True, True)
     """
 
     names: tuple[str, ...]

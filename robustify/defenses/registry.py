@@ -81,7 +81,25 @@ _HANDLERS: dict[str, Defense] = {}
 
 
 def register_defense(defense: Defense) -> Defense:
-    """Register ``defense`` under each of its names (a name may be registered once); returns it."""
+    """Register ``defense`` under each of its names (a name may be registered once); returns it.
+
+    Args:
+        defense: the defense's hooks (:class:`Defense`).
+
+    Returns:
+        ``defense``, registered: every command, job and the leaderboard know it from now on.
+
+    Raises:
+        ValueError: one of its names is registered already.
+
+    Examples:
+        A plugin registers its defense when it is imported (``plugins/`` holds an example, k-WTA);
+        the built-in defenses are registered by ``import robustify``:
+
+        >>> from robustify.defenses import defense_names, get_defense
+        >>> get_defense("meansparse").names, "sparta" in defense_names()
+        (('meansparse',), True)
+    """
     if not isinstance(defense, Defense):
         raise TypeError(f"register_defense takes a robustify.defenses.Defense, got {type(defense).__name__}")
     taken = [n for n in defense.names if n in _HANDLERS and _HANDLERS[n] is not defense]
@@ -162,17 +180,74 @@ def _combined(model: nn.Module, hook: str, *args: Any) -> Iterator[nn.Module]:
 
 
 def straight_through(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """BPDA: every defense in ``model`` with a straight-through backward uses it inside the block."""
+    """BPDA: every defense in ``model`` with a straight-through backward uses it inside the block.
+
+    Args:
+        model: a defended model; defenses without the hook are left as they are.
+
+    Returns:
+        A context manager; inside it every forward is unchanged and the backward goes straight through.
+
+    Examples:
+        >>> import torch
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
+        >>> x = info.example_input().requires_grad_(True)
+        >>> with rb.bpda(model):
+        ...     model(x).sum().backward()
+        >>> x.grad.shape
+        torch.Size([2, 3, 32, 32])
+    """
     return _combined(model, "straight_through")
 
 
 def soft_backward(model: nn.Module, temperature: float) -> contextlib.AbstractContextManager[nn.Module]:
-    """Soft BPDA: every defense in ``model`` with a smooth-surrogate backward uses it at ``temperature``."""
+    """Soft BPDA: every defense in ``model`` with a smooth-surrogate backward uses it at ``temperature``.
+
+    Args:
+        model: a defended model; defenses without the hook are left as they are.
+        temperature: the surrogate's temperature, > 0, relative to each band's half-width (small: close to
+            the hard threshold).
+
+    Returns:
+        A context manager; inside it every forward is unchanged and the backward is the surrogate's.
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
+        >>> x = info.example_input().requires_grad_(True)
+        >>> with rb.soft_bpda(model, 0.3):
+        ...     model(x).sum().backward()
+        >>> bool(x.grad.abs().sum() > 0)
+        True
+    """
     return _combined(model, "soft_backward", temperature)
 
 
 def disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """Every defense in ``model`` that can be switched off is, inside the block (the base model's view)."""
+    """Every defense in ``model`` that can be switched off is, inside the block (the base model's view).
+
+    Args:
+        model: a defended model.
+
+    Returns:
+        A context manager; inside it the model computes what its base model computes (no copy is made).
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> x = info.example_input()
+        >>> before = model(x)
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
+        >>> with rb.defenses_disabled(model):
+        ...     bool((model(x) == before).all())
+        True
+    """
     return _combined(model, "disabled")
 
 
@@ -217,7 +292,27 @@ def plan_defense(model: nn.Module, example: torch.Tensor, config: Any) -> list[A
 
 def apply_defense(model: nn.Module, example: torch.Tensor, config: Any) -> nn.Module:
     """Apply the defense ``config`` describes; returns the model to use (in ``model``'s
-    train/eval mode) with the config recorded as ``robustify_defense``."""
+    train/eval mode) with the config recorded as ``robustify_defense``.
+
+    Args:
+        model: the model to defend (inputs in [0, 1]).
+        example: an input batch; the defense traces the model on it to find its sites.
+        config: a registered defense's config (``MeanSparseConfig``, ``SpartaConfig``, ``ActivationConfig``,
+            a plugin's); it selects the defense.
+
+    Returns:
+        The model to use: ``model`` changed in place where the defense can, else a rewritten copy.
+
+    Raises:
+        InsertionError: the model has no site the config selects.
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> len(get_defense("meansparse").modules(model)), model.robustify_defense.alpha
+        (17, 0.2)
+    """
     out = handler_for_config(config).apply(model, example, config)
     return record_config(out, config).train(model.training)
 
@@ -232,7 +327,22 @@ def applied_config(model: nn.Module) -> Any:
 
 
 def remove_defense(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_defense` (for the defenses that can be removed)."""
+    """Undo :func:`apply_defense` (for the defenses that can be removed).
+
+    Args:
+        model: a model returned by :func:`apply_defense`.
+
+    Returns:
+        The model without the defense (the same object where the defense was applied in place).
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> model = rb.remove_defense(model)
+        >>> len(get_defense("meansparse").modules(model))
+        0
+    """
     handler = handler_for_config(applied_config(model))
     if handler.remove is None:
         raise UserError(f"defense {handler.name!r} cannot be removed; reload the model instead")
@@ -253,6 +363,24 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, device: torch.device 
 
     Returns the number of values each site's statistics came from. ``options`` go to the
     defense's ``calibrate`` hook (e.g. ``total``, ``sync``).
+
+    Args:
+        model: a model holding a calibrated defense (:func:`apply_defense` with MeanSparse, say).
+        batches: ``(x, y)`` batches (a :func:`loader`, or a list of tensors); labels are ignored.
+        device: where to run the pass (None: the model's device).
+        progress: show a progress bar.
+        **options: passed to the defense's ``calibrate`` hook (e.g. ``total``, ``sync``).
+
+    Returns:
+        Site name -> the number of values its statistics came from.
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
+        >>> counts["relu_0"]  # 64 images of 32x32 pixels per channel
+        65536
     """
     found = with_hook(model, "calibrate")
     if not found:
@@ -300,6 +428,26 @@ def save_defense(
     writes the other weights to ``<path>.backbone.safetensors`` (after joint training).
 
     ``config``: the defense's config, by default the one recorded on the model when it was applied.
+
+    Args:
+        model: a defended model (:func:`apply_defense`, calibrated or trained).
+        path: the ``.safetensors`` file to write; the sidecar is ``<path>.json``.
+        config: the defense's config (None: the one :func:`apply_defense` recorded on the model).
+        model_info: what the backbone is (``ModelInfo.to_dict()``), kept in the sidecar.
+        training: the training settings, kept in the sidecar (``robustify train`` records them).
+        backbone: also write the other weights (after joint training).
+        extra: more entries for the sidecar.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
+        >>> rb.save_defense(model, "meansparse.safetensors", model_info=info.to_dict()).name
+        'meansparse.safetensors'
     """
     config = applied_config(model) if config is None else config
     handler = handler_for_config(config)
@@ -351,7 +499,30 @@ def load_defense_state(model: nn.Module, path: str | Path, example: torch.Tensor
 def load_defense(model: nn.Module, path: str | Path, example: torch.Tensor) -> nn.Module:
     """Re-apply the defense saved in ``path`` with its saved state, and the backbone weights
     if it was trained jointly. Returns the model to use (in the train/eval mode of ``model``),
-    with the defense's config recorded on it."""
+    with the defense's config recorded on it.
+
+    Args:
+        model: the backbone to put the defense on (channel counts must match the saved sites).
+        path: a defense file written by :func:`save_defense` (``robustify calibrate``, ``robustify train``).
+        example: an input batch (the defense traces the model on it).
+
+    Returns:
+        The defended model.
+
+    Raises:
+        StateMismatchError: the file is unreadable, or it does not fit the model.
+
+    Examples:
+        >>> from robustify.defenses import defense_config, get_defense
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("meansparse", alpha=0.2))
+        >>> counts = rb.calibrate(model, rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=64)), progress=False)
+        >>> _ = rb.save_defense(model, "meansparse.safetensors")
+        >>> fresh, _ = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> fresh = rb.load_defense(fresh, "meansparse.safetensors", info.example_input())
+        >>> bool((fresh(x := info.example_input()) == model(x)).all())
+        True
+    """
     out = load_defense_state(model, path, example)
     meta = read_sidecar(path)
     if meta.get("backbone"):

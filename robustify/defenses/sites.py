@@ -100,7 +100,18 @@ _LAST_DIM_PRODUCERS = (nn.Linear, nn.LayerNorm)
 
 
 def register_activation(cls_or_name: type[nn.Module] | str) -> None:
-    """Declare an extra activation class (or class name) as an insertion site."""
+    """Declare an extra activation class (or class name) as an insertion site.
+
+    Args:
+        cls_or_name: the activation class, or its class name (matched on any module of that name).
+
+    Examples:
+        >>> import torch
+        >>> class Swish2(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * torch.sigmoid(2 * x)
+        >>> rb.register_activation(Swish2)
+    """
     if isinstance(cls_or_name, str):
         ACTIVATION_CLASS_NAMES.add(cls_or_name)
     else:
@@ -118,6 +129,13 @@ class Site:
     ``position`` is ``"input"`` for the input of activation ``name`` (``activation`` is its
     class) and ``"output"`` for the output of module ``name`` (``activation`` is that
     module's class).
+
+    Examples:
+        >>> from robustify.defenses import defense_config, plan_defense
+        >>> model, info = rb.load_model("aa-resnet18")
+        >>> sites = plan_defense(model, info.example_input(), defense_config("meansparse"))
+        >>> sites[0].name, sites[0].position, sites[0].channels
+        ('relu_0', 'input', 64)
     """
 
     name: str

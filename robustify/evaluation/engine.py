@@ -169,17 +169,20 @@ def evaluate(
     Args:
         model: the model to evaluate (inputs in [0, 1]); a calibrated defense in it, if any, must be
             calibrated.
-        x, y: test images (N, C, H, W) in [0, 1] and labels.
-        config: attacks, threat model and budgets.
+        x: test images ``(N, C, H, W)`` in [0, 1].
+        y: their labels ``(N,)``.
+        config: attacks, threat model and budgets (None: :class:`AttackConfig`'s defaults).
         out_dir: where to keep the journal and ``result.json`` (resumable); None keeps
             everything in memory.
         meta: identifies the row in the leaderboard (model, defense, alpha, dataset...).
         source_model: the transfer attack's source (default: ``model`` with its defenses disabled, their
             ``disabled`` hook).
+        device: the torch device to attack on.
         num_classes: the dataset's classes: the model's logits must have as many, and labels must be below.
             The targeted attacks' target counts are capped at the model's classes - 1 (as recorded in the
             result's config).
         input_size: ``(C,)`` or ``(C, H, W)`` the model expects, to validate images.
+        progress: show progress bars.
         keep_adversarial: keep the worst-case adversarial examples: per example, the input of the first attack
             (in the config's order) that broke it, else the clean input (``(N, C, H, W)``, what RobustBench's
             external evaluations ask for). In ``out_dir``: ``adversarial.pt`` (each attacked batch's broken
@@ -188,6 +191,21 @@ def evaluate(
 
     A model whose forward is random is attacked with EoT (see the module's documentation); the result's
     config holds the ``eot_iter`` used and its ``meta`` ``random_forward``.
+
+    Returns:
+        The :class:`EvalResult` (also written to ``out_dir/result.json`` when ``out_dir`` is given).
+
+    Raises:
+        DataError: no examples, or images and labels that do not fit the model.
+        UserError: logits of another width than ``num_classes``.
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
+        >>> result = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), progress=False)
+        >>> result.clean_acc, sorted(result.attack_acc)
+        (0.75, ['apgd-ce'])
     """
     config = config or AttackConfig()
     meta = dict(meta or {})

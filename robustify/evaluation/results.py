@@ -25,7 +25,32 @@ AUDIT_MARGIN = 0.002  # AutoAttack's check_square_sr tolerance (0.2 points)
 
 @dataclass
 class EvalResult:
-    """Everything an evaluation found, flat enough for a leaderboard row."""
+    """Everything an evaluation found, flat enough for a leaderboard row.
+
+    Attributes:
+        meta: what was evaluated (model, defense and its settings, data, preprocessing, ``not_applicable``).
+        config: the attack config (``AttackConfig.to_dict()``).
+        n_examples: how many images were evaluated.
+        clean_acc: clean accuracy (a fraction).
+        attack_acc: attack name -> robust accuracy after it (a fraction).
+        worst_case_acc: share of the images no attack broke.
+        flags: the gradient-masking flags of this result.
+        per_example: ``clean_correct`` and, per attack, 1 (broke it), 0 (did not) or None (not attacked).
+        seconds: wall time per phase.
+        versions: library versions.
+        aa_checks: AutoAttack's own checks that fired.
+        finished: when the result was written (UTC ISO time).
+        data_fingerprint: digest of the evaluated images and labels (pairs rows).
+        cost: per phase, forward and backward example-passes and seconds.
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
+        >>> result = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), progress=False)
+        >>> result.n_examples, result.per_example["clean_correct"]
+        (4, [1, 1, 1, 0])
+    """
 
     meta: dict[str, Any]
     config: dict[str, Any]
@@ -67,7 +92,26 @@ def read_result_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_result(path: str | Path) -> EvalResult:
-    """Read a ``result.json`` (or the directory holding one)."""
+    """Read a ``result.json`` (or the directory holding one).
+
+    Args:
+        path: a ``result.json``, or the ``out_dir`` of an evaluation.
+
+    Returns:
+        The :class:`EvalResult` (keys it does not know are left out; ``read_result_file`` keeps them).
+
+    Raises:
+        UserError: the file is missing or is not a result.
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4))
+        >>> _ = rb.evaluate(model, x, y, AttackConfig(attacks=("apgd-ce",), apgd_iters=1), out_dir="runs/a",
+        ...                 progress=False)
+        >>> rb.load_result("runs/a").clean_acc
+        0.75
+    """
     data = read_result_file(path)
     try:
         return EvalResult.from_dict(data)

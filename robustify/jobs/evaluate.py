@@ -76,6 +76,15 @@ class EvaluationJob(SerializableConfig):
         precision: autocast the attacked model: float32, bfloat16 or float16 (MeanSparse statistics stay float32).
         keep_adversarial: keep the worst-case adversarial examples in ``out``/adversarial.pt (per example: the
             input of the first attack that broke it, else the clean input; for ``robustify export``).
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> job = rb.EvaluationJob(model="aa-resnet18", weights="../shared/models/resnet18_at_relu.pt",
+        ...                        data="../shared/data/cifar10_subset.npz", defense="meansparse", n_calib=64,
+        ...                        n_examples=4, attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=1),
+        ...                        out="runs/ms", progress=False)
+        >>> job.defense, job.n_examples, job.split
+        ('meansparse', 4, 'test')
     """
 
     model: str
@@ -341,7 +350,24 @@ def load_examples(job: EvaluationJob, info: ModelInfo) -> tuple[torch.Tensor, to
 
 
 def run_evaluation(job: EvaluationJob) -> EvalResult:
-    """Load, defend, calibrate (or load statistics), evaluate, and rebuild the leaderboard."""
+    """Load, defend, calibrate (or load statistics), evaluate, and rebuild the leaderboard.
+
+    Args:
+        job: everything the evaluation needs (:class:`EvaluationJob`).
+
+    Returns:
+        The :class:`EvalResult`, also written to ``job.out/result.json``.
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> job = rb.EvaluationJob(model="aa-resnet18", weights="../shared/models/resnet18_at_relu.pt",
+        ...                        data="../shared/data/cifar10_subset.npz", defense="meansparse", n_calib=64,
+        ...                        n_examples=4, attack=AttackConfig(attacks=("apgd-ce", "bpda"), apgd_iters=1),
+        ...                        out="runs/ms", progress=False)
+        >>> result = rb.run_evaluation(job)
+        >>> result.meta["defense"], sorted(result.attack_acc)
+        ('meansparse', ['apgd-ce', 'bpda-apgd-ce', 'bpda-apgd-dlr'])
+    """
     model, info, source = build_defended_model(job)
     x, y = load_examples(job, info)
     config, skipped = _applicable(job.attack, model, job.defense)

@@ -40,7 +40,7 @@ MODEL_INFO_FILE = "model_info.json"
 
 @dataclass
 class ExportJob(SerializableConfig):
-    """What to export; the CLI's flags are made from these fields.
+    """What to export to RobustBench (:func:`export_robustbench`); the CLI's flags are made from these fields.
 
     Attributes:
         results: an evaluation's results directory (``robustify evaluate --out``): its model, weights and
@@ -54,6 +54,11 @@ class ExportJob(SerializableConfig):
         cache_dir: where downloads are cached (None: $ROBUSTIFY_CACHE or ~/.cache/robustify).
         device: torch device.
         out: the export directory.
+
+    Examples:
+        >>> job = rb.ExportJob(results="runs/wrn70", out="runs/wrn70-rb")
+        >>> job.results, job.out, job.device
+        ('runs/wrn70', 'runs/wrn70-rb', 'cpu')
     """
 
     results: str | None = None
@@ -120,7 +125,33 @@ def _copy_adversarial(results: Path, result: dict[str, Any], out: Path) -> Path:
 
 def export_robustbench(job: ExportJob) -> dict[str, Path]:
     """Write the robustified model in RobustBench's format (and, from an evaluation, its ``model_info`` and
-    adversarial examples) into ``job.out``; returns the files written by kind."""
+    adversarial examples) into ``job.out``.
+
+    ``model.pt`` is the state dict of RobustBench's own class for the defended architecture (MeanSparse:
+    ``running_mean``, ``running_var``, ``threshold`` per site; it loads strictly, with the same logits) and
+    ``model.json`` names that class and its constructor arguments.
+
+    Args:
+        job: what to export: an evaluation's results directory (``robustify evaluate --out``, with
+            ``--keep-adversarial`` for ``adversarial.pt``), or a model and its defense file.
+
+    Returns:
+        The files written by kind: ``model``, ``class`` and, from an evaluation, ``model_info`` and ``adversarial``.
+
+    Raises:
+        UserError: no robustified model is given, no defense in it offers an export to RobustBench's format
+            (MeanSparse on ``dm-wrn`` models placed with ``preset="published"`` does), or the evaluation kept no
+            adversarial examples.
+
+    Examples:
+        >>> written = rb.export_robustbench(rb.ExportJob(results="runs/wrn70", out="runs/wrn70-rb"))  # doctest: +SKIP
+        >>> sorted(written)  # doctest: +SKIP
+        ['adversarial', 'class', 'model', 'model_info']
+        >>> rb.export_robustbench(rb.ExportJob(out="runs/nothing"))
+        Traceback (most recent call last):
+        ...
+        robustify.core.errors.UserError: export needs the robustified model: ...
+    """
     evaluation, result = _from_results(job)
     model, info, _ = build_defended_model(evaluation)
     exporters = defenses.with_hook(model, "export")

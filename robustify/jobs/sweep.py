@@ -55,6 +55,24 @@ def sweep(job: EvaluationJob, values: list[float], max_clean_drop: float = 0.5) 
     ``max_clean_drop`` points of the base model's (ties: the smallest value). The value 0 (the base
     model) is always evaluated as the reference. Results go to ``<out>/<setting>_<value>/`` (each
     resumable), the curve to ``<out>/sweep.{json,csv,png}``.
+
+    Args:
+        job: the evaluation to repeat (its ``holdout`` examples are the ones evaluated; ``out`` holds every run).
+        values: the values of the defense's setting (MeanSparse: alpha) to evaluate; 0 is added.
+        max_clean_drop: the rule's largest clean-accuracy drop from the base model, in points.
+
+    Returns:
+        The ``SweepResult``: ``setting``, ``values``, the ``curve``, the ``base`` figures, the ``chosen`` value.
+
+    Examples:
+        >>> from robustify.attacks import AttackConfig
+        >>> job = rb.EvaluationJob(model="aa-resnet18", weights="../shared/models/resnet18_at_relu.pt",
+        ...                        data="../shared/data/cifar10_subset.npz", defense="meansparse", holdout=8,
+        ...                        n_examples=8, n_calib=64, attack=AttackConfig(attacks=("apgd-ce",), apgd_iters=1),
+        ...                        out="runs/sweep", progress=False)
+        >>> found = rb.sweep(job, [0.2])
+        >>> found.setting, found.values
+        ('alpha', [0.0, 0.2])
     """
     if job.defense == "none":
         raise UserError("the sweep varies a defense's setting: give the job a defense")

@@ -95,6 +95,11 @@ class TrainConfig(SerializableConfig):
         beta_l1: PAF's ``|beta|`` penalty weight for PSSiLU (PAF_AT uses 10; 0 = off).
         beta_clip: PAF's ``clip_grad_norm_(beta, 0.1)`` on PSSiLU's beta (0 = off).
         seed: seeds shuffling, augmentation and attack noise.
+
+    Examples:
+        >>> config = rb.TrainConfig(epochs=1, batch_size=16, attack_steps=1, step_size=rb.parse_eps("10/255"))
+        >>> config.freeze_backbone, config.eps
+        (True, 0.03137254901960784)
     """
 
     VERSION: ClassVar[int] = 1
@@ -329,6 +334,28 @@ def train_defense(
     loaded first and training continues after its last epoch (settings must match, except
     ``epochs``, which may grow). ``on_epoch_end(epoch, stats)`` runs after each checkpoint.
     The model is left in ``eval()`` mode; parameters frozen for the run are unfrozen again.
+
+    Args:
+        model: a model with a trainable defense applied (Sparta, a parametric activation swap).
+        x: training images ``(N, C, H, W)`` in [0, 1].
+        y: their labels.
+        config: the training settings (None: :class:`TrainConfig`'s defaults).
+        checkpoint: a file written after every epoch (resumable).
+        resume: continue from ``checkpoint`` when it exists.
+        progress: show progress bars.
+        on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch.
+
+    Returns:
+        A ``TrainResult``: the per-epoch ``history`` (loss, adversarial accuracy, lr, seconds).
+
+    Examples:
+        >>> from robustify.defenses import defense_config
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> model = rb.apply_defense(model, info.example_input(), defense_config("sparta-nodp", init="identity"))
+        >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "train", n=16))
+        >>> config = rb.TrainConfig(epochs=1, batch_size=16, attack_steps=1, step_size=rb.parse_eps("10/255"))
+        >>> rb.train_defense(model, x, y, config, progress=False).epochs
+        1
     """
     config = config or TrainConfig()
     if len(x) != len(y) or len(x) == 0:

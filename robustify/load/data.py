@@ -215,6 +215,28 @@ def load_data(
     finite, integer labels, and labels below ``num_classes`` and images with ``channels``
     channels when given: pass the model's ``ModelInfo.num_classes`` and ``input_size[0]``).
     Every problem raises a one-line :class:`DataError`.
+
+    Args:
+        spec: a registered dataset's ``NAME`` or ``NAME:DIR`` (``cifar10``, ``cifar100``, ``imagenet:DIR``),
+            ``folder:DIR`` or a ``.npz`` file with ``x_train, y_train, x_test, y_test`` (uint8 NCHW).
+        split: ``"train"`` (minus the last ``holdout`` examples), ``"holdout"`` (those) or ``"test"``.
+        n: keep the first ``n`` examples (class-spread on an image folder); None keeps all.
+        holdout: training examples held out from the training split (for choosing a setting).
+        cache_dir: where downloads are cached (None: ``$ROBUSTIFY_CACHE`` or ``~/.cache/robustify``).
+        num_classes: check that labels are below it (the model's ``ModelInfo.num_classes``).
+        channels: check the images' channel count (the model's ``input_size[0]``).
+        transform: turns each image file into a tensor in [0, 1] (default ``Res256Crop224``).
+
+    Returns:
+        A ``torch.utils.data.Dataset`` of ``(image, label)`` with images in [0, 1].
+
+    Raises:
+        DataError: a missing or malformed file, an unknown split or spec.
+
+    Examples:
+        >>> data = rb.load_data("../shared/data/cifar10_subset.npz", "test", n=4)
+        >>> len(data), data[0][0].shape
+        (4, torch.Size([3, 32, 32]))
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {list(SPLITS)}")
@@ -287,7 +309,22 @@ def default_workers(dataset: Dataset) -> int:
 def loader(dataset: Dataset, batch_size: int = 128, workers: int | None = None,
            device: torch.device | str | None = None) -> DataLoader:
     """A deterministic (unshuffled) loader; ``workers`` processes decode images (None: :func:`default_workers`),
-    into pinned memory when ``device`` is CUDA."""
+    into pinned memory when ``device`` is CUDA.
+
+    Args:
+        dataset: the dataset to batch (:func:`load_data`).
+        batch_size: examples per batch.
+        workers: data-loading processes (None: :func:`default_workers`, 0: in this process).
+        device: where the batches go (pinned memory when it is CUDA).
+
+    Returns:
+        A ``torch.utils.data.DataLoader`` in the dataset's order.
+
+    Examples:
+        >>> batches = rb.loader(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=10), batch_size=4)
+        >>> [len(y) for _, y in batches]
+        [4, 4, 2]
+    """
     if workers is None:
         workers = default_workers(dataset)
     if workers < 0:
@@ -297,7 +334,21 @@ def loader(dataset: Dataset, batch_size: int = 128, workers: int | None = None,
 
 
 def to_tensors(dataset: Dataset, batch_size: int = 256, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack a dataset into ``(x, y)`` tensors."""
+    """Stack a dataset into ``(x, y)`` tensors.
+
+    Args:
+        dataset: the dataset (:func:`load_data`).
+        batch_size: examples read per step.
+        workers: data-loading processes (None: :func:`default_workers`).
+
+    Returns:
+        ``(x, y)``: images ``(N, C, H, W)`` in [0, 1] and integer labels ``(N,)``.
+
+    Examples:
+        >>> x, y = rb.to_tensors(rb.load_data("../shared/data/cifar10_subset.npz", "test", n=8))
+        >>> x.shape, y.tolist()
+        (torch.Size([8, 3, 32, 32]), [3, 8, 8, 0, 6, 6, 1, 6])
+    """
     xs, ys = [], []
     for x, y in loader(dataset, batch_size, workers):
         xs.append(x)

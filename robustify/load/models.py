@@ -49,7 +49,28 @@ THREAT_MODELS = ("Linf", "L2", "corruptions")
 
 @dataclass
 class ModelInfo:
-    """What was loaded, enough to load it again."""
+    """What was loaded, enough to load it again.
+
+    Attributes:
+        spec: the spec it was loaded from (``aa-resnet18``, ``robustbench:NAME``, ...).
+        source: the kind of spec (``robustbench``, ``timm``, ``aa``, ``factory``).
+        name: the model's name within its source.
+        dataset: its dataset.
+        threat_model: its threat model.
+        input_size: the input ``(C, H, W)`` it expects.
+        num_classes: its number of outputs.
+        weights: the local checkpoint loaded, if any.
+        pretrained: whether pretrained weights were loaded.
+        extra: whatever else the loader records.
+        preprocessing: the preprocessing of image files for this model (see :mod:`robustify.load.preprocessing`).
+
+    Examples:
+        >>> model, info = rb.load_model("aa-resnet18")
+        >>> info.spec, info.num_classes
+        ('aa-resnet18', 10)
+        >>> info.example_input().shape
+        torch.Size([2, 3, 32, 32])
+    """
 
     spec: str
     source: str
@@ -348,13 +369,34 @@ def load_model(
 
     A defense's modules that came with the model become robustify's (each registered defense's
     ``adopt`` hook): RobustBench's published MeanSparse models, for one, keep their outputs.
-    ``image_size``: the side of the square images the model takes (None: the dataset's; a timm
-    model's own pretrained size), a timm model being built for it (its ``img_size``, where its
-    constructor takes one). ``new_head``: pretrained timm weights for another number of classes
-    than the dataset's get a new, random classifier (else that is an error).
     The model's logits must have the dataset's number of classes (one forward of one example).
     Raises :class:`ModelLoadError` with a one-line reason for unknown specs, unusable
     checkpoints and a model that does not fit the dataset.
+
+    Args:
+        spec: ``robustbench:NAME``, ``timm:NAME``, ``small-resnet-at``, ``aa-resnet18`` or
+            ``package.module:function``.
+        dataset: the model's dataset (RobustBench's leaderboard; a registered dataset).
+        threat_model: the model's threat model (RobustBench's leaderboard): ``Linf``, ``L2`` or ``corruptions``.
+        weights: a local checkpoint (safetensors, or a weights-only PyTorch file) loaded instead of the
+            pretrained weights.
+        pretrained: download the pretrained weights (unless ``weights`` is given); False builds the
+            architecture only.
+        cache_dir: where downloads are cached (None: ``$ROBUSTIFY_CACHE`` or ``~/.cache/robustify``).
+        device: the torch device to put the model on.
+        image_size: the side of the square images the model takes (None: the dataset's; a timm model's own
+            pretrained size), a timm model being built for it (its ``img_size``, where its constructor takes
+            one). Nothing is resized.
+        new_head: pretrained timm weights for another number of classes than the dataset's get a new, random
+            classifier (else that is an error).
+
+    Returns:
+        ``(model, info)``: the model in eval mode, taking inputs in [0, 1], and its :class:`ModelInfo`.
+
+    Examples:
+        >>> model, info = rb.load_model("aa-resnet18", weights="../shared/models/resnet18_at_relu.pt")
+        >>> info.num_classes, info.input_size
+        (10, (3, 32, 32))
     """
     facts = find_dataset(dataset)
     if facts is None:

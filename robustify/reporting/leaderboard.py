@@ -372,7 +372,22 @@ def write_leaderboard(results_root: str | Path, out_dir: str | Path, plots: bool
     format (:mod:`robustify.reporting.writers`; ``writers`` names some of them): ``leaderboard.csv``,
     ``leaderboard.md``, ``model_info/``, ``plots/`` (unless ``plots`` is False), ``index.html``,
     ``leaderboard.tex`` and the plugins' files. ``<results_root>/REPRODUCE.md``, if present (the commands
-    that produced the results), ends ``leaderboard.md``, so the tables rebuild byte-identically from their results."""
+    that produced the results), ends ``leaderboard.md``, so the tables rebuild byte-identically from their results.
+
+    Args:
+        results_root: the directory searched for ``result.json`` files (recursively).
+        out_dir: where the tables go (created).
+        plots: write the plots too.
+        writers: the output formats to run (None: every registered one).
+
+    Returns:
+        The leaderboard table (one row per model, defense and settings, ranked by worst case).
+
+    Examples:
+        >>> table = rb.write_leaderboard("leaderboard/results", "rebuilt", plots=False)
+        >>> table[["model", "defense"]].iloc[0].tolist(), len(table)
+        (['aa-resnet18', 'sparta'], 6)
+    """
     out = Path(out_dir)
     df = build_table(collect(results_root))
     written = run_writers(df, out, WriteContext(results_root=Path(results_root), plots=plots), writers)

@@ -80,11 +80,55 @@ def run_study(
     report: bool = True,
     resources: dict[str, Any] | None = None,
 ) -> list[CellState]:
-    """Run every cell of ``study`` not done yet (results in ``<out_dir>/results/<cell>/``), on ``executor``
-    (``local``: worker processes, ``workers`` of them on CPU (0: in this process), one per GPU on CUDA;
-    ``slurm``: job arrays through submitit); a failed step records its one-line error and skips its dependents.
-    Rebuilds the leaderboard in ``out_dir`` (``report``). ``resources`` (:class:`~robustify.jobs.study.spec.Resources` fields) override the
-    file's for every step. Returns each cell's state."""
+    """Run every cell of ``study`` not done yet, locally or on Slurm, and rebuild its leaderboard.
+
+    A cell is done when its ``result.json`` is the cell's, so a rerun resumes (interrupted cells continue from
+    their journals) and adding a setting runs only the new cells. A failed step records its one-line error
+    (``robustify study status``) and skips its dependents. One controller per ``out_dir``.
+
+    Args:
+        study: a :class:`~robustify.jobs.study.Study` (:func:`robustify.load_study`) or the path of its TOML file.
+        out_dir: the study directory: results in ``<out_dir>/results/<cell>/``, the leaderboard in ``out_dir``.
+        executor: ``local`` (worker processes: one per GPU on CUDA, ``workers`` on CPU) or ``slurm`` (job arrays
+            through submitit, with the file's ``[resources]``).
+        workers: local worker processes on CPU (None: the default; 0: run the cells in this process).
+        retry_failed: rerun the steps that failed before (otherwise they are kept failed).
+        progress: show a progress bar.
+        report: rebuild the leaderboard of every cell in ``out_dir`` at the end.
+        resources: :class:`~robustify.jobs.study.spec.Resources` fields overriding the file's for every step.
+
+    Returns:
+        Each cell's state (``done``, ``failed``, ``skipped``, ...), as ``robustify study status`` shows it.
+
+    Raises:
+        UserError: an unknown executor, an invalid study file (:class:`~robustify.jobs.study.StudyFileError`), or
+            another controller running in ``out_dir`` (:class:`~robustify.jobs.study.StudyLockedError`).
+
+    Examples:
+        >>> from pathlib import Path
+        >>> _ = Path("one.toml").write_text('''
+        ... [study]
+        ... data = "../shared/data/cifar10_subset.npz"
+        ... n_examples = 4
+        ...
+        ... [[models]]
+        ... model = "aa-resnet18"
+        ... weights = "../shared/models/resnet18_at_relu.pt"
+        ...
+        ... [[defenses]]
+        ... defense = "none"
+        ...
+        ... [[attacks]]
+        ... name = "quick"
+        ... attacks = ["apgd-ce"]
+        ... apgd_iters = 1
+        ... ''')
+        >>> states = rb.run_study("one.toml", "runs/one", workers=0, progress=False)
+        >>> [(s.cell, s.state) for s in states]
+        [('aa-resnet18/base/quick', 'done')]
+        >>> [(s.cell, s.state) for s in rb.run_study("one.toml", "runs/one", workers=0, progress=False)]  # resumes
+        [('aa-resnet18/base/quick', 'done')]
+    """
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; choose from {list(EXECUTORS)}")
     if not isinstance(study, Study):

@@ -161,7 +161,51 @@ class Study:
 
 
 def load_study(path: str | Path) -> Study:
-    """Read and check the study file ``path`` (one-line :class:`StudyFileError` naming the key otherwise)."""
+    """Read and check the study file ``path``: models x defenses (with settings grids) x attacks.
+
+    Every key and its meaning: the study file reference of the documentation (``docs/reference/study-file.md``).
+
+    Args:
+        path: the study file (TOML).
+
+    Returns:
+        The parsed :class:`Study`, to plan (:func:`robustify.jobs.study.plan_study`) or run
+        (:func:`robustify.run_study`).
+
+    Raises:
+        StudyFileError: the file cannot be read, is not valid TOML, or a key is unknown or invalid (one line
+            naming the key; a :class:`~robustify.core.errors.UserError`).
+
+    Examples:
+        >>> from pathlib import Path
+        >>> _ = Path("tiny.toml").write_text('''
+        ... [study]
+        ... data = "../shared/data/cifar10_subset.npz"
+        ... n_examples = 4
+        ...
+        ... [[models]]
+        ... model = "aa-resnet18"
+        ... weights = "../shared/models/resnet18_at_relu.pt"
+        ...
+        ... [[defenses]]
+        ... defense = "none"
+        ...
+        ... [[defenses]]
+        ... defense = "meansparse"
+        ... grid = { alpha = [0.1, 0.2] }
+        ...
+        ... [[attacks]]
+        ... name = "quick"
+        ... attacks = ["apgd-ce"]
+        ... apgd_iters = 1
+        ... ''')
+        >>> study = rb.load_study("tiny.toml")
+        >>> study.name, [m.name for m in study.models], study.defenses[1].settings()
+        ('tiny', ['aa-resnet18'], [{'alpha': 0.1}, {'alpha': 0.2}])
+        >>> from robustify.jobs.study import plan_study
+        >>> [cell.id for cell in plan_study(study, "runs/tiny").cells]
+        ['aa-resnet18/base/quick', 'aa-resnet18/meansparse_0.1/quick', 'aa-resnet18/meansparse_0.2/quick']
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
