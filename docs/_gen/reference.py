@@ -97,7 +97,8 @@ def cli_markdown() -> str:
         "`robustify COMMAND --help` prints the same. Global flags (`--debug`, `-v`) go before or after the command.",
         "A flag of a defense (MeanSparse's `--alpha`, Sparta's `--sparta-preset`, the swaps' `--replace`) comes",
         "from that defense's registered options, so an installed plugin adds its own (k-WTA: "
-        "[write a defense plugin](../how-to/defense-plugin.md)); they are not listed here.",
+        "[write a defense plugin](../how-to/defense-plugin.md)): the flags below are those of the defenses installed "
+        "when the site was built.",
         "",
         "| command | what it does |",
         "|---|---|",

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PAGES = {"home.png": "index.html", "how-to.png": "how-to/python-api.html", "reference.png": "reference/cli.html"}
+PAGES = {"home.png": "index.html", "how-to.png": "how-to/study.html", "reference.png": "reference/cli.html"}
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1000",
          "--host-resolver-rules=MAP * ~NOTFOUND"]
 
