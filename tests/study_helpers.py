@@ -29,9 +29,10 @@ def tiny_b():
     return m
 
 def slow_a():
-    """tiny_a, each forward slowed down (so that a study can be interrupted mid-cell)."""
+    """tiny_a, each forward slowed down (so that a study can be interrupted mid-cell). The hook sits on the first
+    convolution: inserting a defense rebuilds the top-level module (torch.fx), which would drop a hook on it."""
     m = tiny_cnn()
-    m.register_forward_pre_hook(lambda mod, args: time.sleep(float(os.environ.get("STUDY_TEST_DELAY", "0.1"))))
+    m.conv1.register_forward_pre_hook(lambda mod, args: time.sleep(float(os.environ.get("STUDY_TEST_DELAY", "0.1"))))
     return m
 '''
 

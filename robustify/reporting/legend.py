@@ -105,7 +105,8 @@ LEGEND: tuple[Explanation, ...] = (
     _column("cost", "Per attack, `attack=F+B`: forward and backward passes per attacked example."),
     _column("seconds_per_attack", "Per attack, `attack=S`: wall seconds per attacked example."),
     _column("settings_id", "The row's identity: a hash of its result's meta, attack config and size (results with "
-                           "the same id are one row; the newest wins)."),
+                           "the same id are one row; the newest wins). Ten hex digits: read it as text (pandas: "
+                           "`dtype={'settings_id': str}`; an id like 242e955690 would parse as a number)."),
     _column("robustify_version", "The robustify version that produced the result."),
     _column("torch_version", "The PyTorch version that produced the result."),
     _column("pyautoattack_version", "The pyautoattack version that produced the result."),
