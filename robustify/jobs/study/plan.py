@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from robustify import defenses
 from robustify.core.config import untagged
+from robustify.core.errors import UserError, first_line
 from robustify.jobs.evaluate import EvaluationJob
 from robustify.jobs.study.spec import DefenseSpec, ModelSpec, Study, StudyFileError
 
@@ -173,13 +174,6 @@ def _recorded_config(meta: dict[str, Any], config: Any) -> dict[str, Any] | None
     return None
 
 
-def _with_later_defaults(saved: dict[str, Any], job: EvaluationJob) -> dict[str, Any]:
-    """``saved`` (a result's attack config) with the fields added to the config after it was written set to
-    their defaults: a result from before an option existed ran as its default does (e.g. top-logit targets)."""
-    defaults = {f.name: f.default for f in fields(type(job.attack)) if f.default is not MISSING}
-    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-
-
 def result_mismatch(cell: Cell, result: dict[str, Any]) -> str | None:
     """Why ``result`` (a result.json) is not the finished result of ``cell`` (None: it is)."""
     job, meta = cell.job, result.get("meta", {})
@@ -192,8 +186,14 @@ def result_mismatch(cell: Cell, result: dict[str, Any]) -> str | None:
             return f"meta.{k} is {meta.get(k)!r}, the cell's is {v!r}"
     if result.get("n_examples") != job.n_examples:
         return f"n_examples is {result.get('n_examples')}, the cell's is {job.n_examples}"
-    saved, mine = _with_later_defaults(untagged(dict(result.get("config", {}))), job), untagged(job.attack.to_dict())
-    ran, asked = saved.pop("attacks", []), list(mine.pop("attacks"))
+    config = result.get("config", {})
+    try:  # read as the config reads its files: a field added after the result was written takes its default
+        saved = untagged(type(job.attack).from_dict(config).to_dict())
+    except (UserError, TypeError, ValueError) as e:
+        return f"its attack config cannot be read ({first_line(e)})"
+    mine = untagged(job.attack.to_dict())
+    ran, asked = list(config.get("attacks", [])), list(mine.pop("attacks"))
+    saved.pop("attacks", None)
     if saved != mine:
         return "attack settings differ: " + ", ".join(sorted(k for k in set(saved) | set(mine)
                                                             if saved.get(k) != mine.get(k)))
