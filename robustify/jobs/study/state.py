@@ -24,6 +24,7 @@ from robustify.core.io import write_json
 from robustify.defenses.file import read_sidecar
 from robustify.evaluation.cost import total_passes
 from robustify.evaluation.journal import JOURNAL_FILE
+from robustify.evaluation.results import RESULT_FILE, read_result_file
 from robustify.jobs.study.plan import CALIBRATE, Cell, Plan, Step, result_mismatch
 
 __all__ = ["CellState", "StudyLockedError", "cell_states", "controller_lock", "controller_running", "journal_batches",
@@ -127,9 +128,10 @@ def journal_batches(directory: Path) -> int:
 
 
 def _read_result(cell: Cell) -> dict[str, Any] | None:
+    """The cell's result.json (None where there is none, or it cannot be read)."""
     try:
-        return json.loads((cell.out / "result.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return read_result_file(cell.out / RESULT_FILE)
+    except UserError:
         return None
 
 
